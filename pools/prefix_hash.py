@@ -1,0 +1,55 @@
+"""Chained block hashes of prompt text: equal prefixes give equal leading hashes.
+
+The gateway has no tokenizer, so blocks are fixed-size runs of characters of the
+flattened prompt. xxh3 with the previous hash as seed makes each hash depend on
+the whole prefix (like vLLM's block hash chain) and is stable across processes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import xxhash
+
+DEFAULT_BLOCK_CHARS = 256  # about 64 tokens at the 4-bytes-per-token estimate
+MAX_BLOCKS = 512  # enough for ~128k characters; longer prompts are hashed up to here
+
+
+def block_hashes(text: str, block_chars: int = DEFAULT_BLOCK_CHARS, max_blocks: int = MAX_BLOCKS) -> tuple[int, ...]:
+    """Hashes of each full block of `text`, each seeded by the one before it."""
+    data = text.encode("utf-8", "surrogatepass")
+    n = min(len(data) // block_chars, max_blocks)
+    out: list[int] = []
+    h = 0
+    digest = xxhash.xxh3_64_intdigest
+    for i in range(n):
+        h = digest(data[i * block_chars : (i + 1) * block_chars], seed=h)
+        out.append(h)
+    return tuple(out)
+
+
+def flatten_messages(messages: Iterable[Mapping[str, Any]]) -> str:
+    """One string for a chat prompt, so that a conversation that grows keeps its prefix."""
+    parts: list[str] = []
+    for m in messages:
+        content = m.get("content")
+        if isinstance(content, list):  # OpenAI content parts: keep the text ones
+            content = "".join(p.get("text", "") for p in content if isinstance(p, Mapping))
+        parts.append(f"<|{m.get('role', '')}|>{content or ''}")
+    return "".join(parts)
+
+
+def text_fingerprint(text: str) -> str:
+    """A short stable fingerprint of a text (hex), e.g. of a system prompt."""
+    return xxhash.xxh3_64_hexdigest(text.encode("utf-8", "surrogatepass")) if text else ""
+
+
+def common_prefix_blocks(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many leading block hashes two chains share."""
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n

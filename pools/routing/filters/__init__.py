@@ -1,0 +1,1 @@
+"""Filters: drop replicas that must not take a call."""

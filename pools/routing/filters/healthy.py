@@ -1,0 +1,16 @@
+"""Keep replicas that pass health checks and were not already tried for this call."""
+
+from __future__ import annotations
+
+from pools.routing.base import RoutingContext
+from pools.types import ReplicaState
+
+
+class HealthyFilter:
+    """Drops unhealthy replicas and those in `ctx.exclude` (a retry must go elsewhere)."""
+
+    name = "healthy"
+
+    def filter(self, ctx: RoutingContext, candidates: list[ReplicaState]) -> list[ReplicaState]:
+        exclude = ctx.exclude
+        return [r for r in candidates if r.healthy and r.url not in exclude]

@@ -1,0 +1,1 @@
+"""Pickers: choose one replica from the scored candidates."""

@@ -1,0 +1,22 @@
+"""Pick the best-scored replica; ties go round-robin so equal replicas share the load."""
+
+from __future__ import annotations
+
+from pools.routing.base import RoutingContext
+from pools.types import ReplicaState
+
+
+class MaxScorePicker:
+    """Highest total score wins; among equals, rotate using the pool's round-robin counter."""
+
+    name = "max-score"
+
+    def pick(self, ctx: RoutingContext, candidates: list[ReplicaState], scores: list[float]) -> ReplicaState:
+        best = max(scores)
+        tied = [c for c, s in zip(candidates, scores, strict=True) if s >= best - 1e-9]
+        if len(tied) == 1:
+            return tied[0]
+        key = tied[0].pool
+        n = ctx.state.round_robin.get(key, 0)
+        ctx.state.round_robin[key] = n + 1
+        return tied[n % len(tied)]

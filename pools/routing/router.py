@@ -1,0 +1,45 @@
+"""`route()`: the one entry point of the routing core, called by the live gateway and the simulator."""
+
+from __future__ import annotations
+
+from pools.routing.base import Decision, Policy, RouteError, RoutingContext
+from pools.types import ClusterView
+
+NO_REPLICA_RETRY_AFTER_S = 1.0
+
+
+def route(ctx: RoutingContext, view: ClusterView, policy: Policy) -> Decision:
+    """Choose pool, replica and priority for one call. Pure apart from `ctx.state` bookkeeping."""
+    pool = policy.pool_chooser(ctx, view)
+    if isinstance(pool, RouteError):
+        return Decision(error=pool, reason=pool.code)
+    ctx.pool = pool
+    candidates = pool.replicas
+    for f in policy.filters:
+        candidates = f.filter(ctx, candidates)
+        if not candidates:
+            if any(r.healthy for r in pool.replicas if r.url not in ctx.exclude):
+                # healthy replicas exist but none may take more now: wait at the gateway
+                return Decision(pool=pool.name, queue=True, reason=f"saturated:{f.name}")
+            return Decision(
+                pool=pool.name,
+                error=RouteError(
+                    503,
+                    "no_healthy_replica",
+                    f"No healthy replica in pool '{pool.name}' can take the request; retry shortly",
+                    NO_REPLICA_RETRY_AFTER_S,
+                ),
+                reason="no-healthy-replica",
+            )
+    if len(candidates) == 1 or not policy.scorers:
+        totals = [0.0] * len(candidates)
+    else:
+        totals = [0.0] * len(candidates)
+        for scorer, weight in policy.scorers:
+            for i, s in enumerate(scorer.score(ctx, candidates)):
+                totals[i] += weight * s
+    chosen = candidates[0] if len(candidates) == 1 else policy.picker.pick(ctx, candidates, totals)
+    if policy.uses_prefix_index and ctx.features.prefix_hashes:
+        ctx.state.prefix_index.insert(chosen.url, ctx.features.prefix_hashes)
+    priority = policy.priority(ctx) if policy.priority is not None else ctx.features.priority
+    return Decision(pool=pool.name, replica=chosen.url, priority=priority, reason=policy.picker.name)

@@ -1,0 +1,1 @@
+"""Scorers: rate each candidate replica in [0, 1]."""
