@@ -27,6 +27,8 @@ class ReplicaState:
     inflight_prompt_tokens: int = 0
     # KV tokens the calls in flight may still need, at their predicted output bound
     reserved_kv_tokens: int = 0
+    # the same at the predicted *expected* output (<= reserved_kv_tokens); 0 = not tracked
+    reserved_kv_expected_tokens: int = 0
     # scraped from the engine's /metrics (vLLM names), possibly a few hundred ms old
     num_running: int = 0
     num_waiting: int = 0

@@ -23,6 +23,35 @@ class RoutingState:
     prefix_index: PrefixIndex = field(default_factory=PrefixIndex)
     round_robin: dict[str, int] = field(default_factory=dict)  # pool -> next index
     workflow_pool: dict[str, str] = field(default_factory=dict)  # workflow id -> pinned pool
+    # workflow id -> replica of its latest call (pre-warm target, affinity when the index forgot)
+    workflow_replica: dict[str, str] = field(default_factory=dict)
+    # workflow id -> first time the router saw it (lookahead priority ages with it)
+    workflow_started: dict[str, float] = field(default_factory=dict)
+    # baselines that keep their own approximate caches (SGLang tree, llm-d LRU indexer), by plugin name
+    indexes: dict[str, PrefixIndex] = field(default_factory=dict)
+    # prefix tokens the index predicted as hits / tokens routed, per replica since the last reconcile
+    predicted_hit_tokens: dict[str, float] = field(default_factory=dict)
+    routed_prompt_tokens: dict[str, float] = field(default_factory=dict)
+    sized_replicas: set[str] = field(default_factory=set)  # replicas whose index share came from KV capacity
+    index_capacity: dict[str, int] = field(default_factory=dict)  # current index share per replica (blocks)
+    max_workflows: int = 200_000  # memory bound of the per-workflow maps (oldest forgotten first)
+
+    def index(self, name: str, capacity_blocks: int) -> PrefixIndex:
+        """A named private prefix index (created on first use with this per-replica capacity)."""
+        idx = self.indexes.get(name)
+        if idx is None:
+            idx = self.indexes[name] = PrefixIndex(capacity_blocks)
+        return idx
+
+    def remember_workflow(self, workflow: str, pool: str, now: float) -> None:
+        """Pin a workflow to a pool, forgetting the oldest workflows beyond `max_workflows`."""
+        self.workflow_pool[workflow] = pool
+        if workflow not in self.workflow_started:
+            self.workflow_started[workflow] = now
+        if len(self.workflow_pool) > self.max_workflows:
+            for m in (self.workflow_pool, self.workflow_started, self.workflow_replica):
+                for k in list(m)[: len(m) - self.max_workflows]:
+                    del m[k]
 
 
 @dataclass(slots=True)
@@ -63,6 +92,8 @@ class PrewarmAction:
     replica: str
     messages: tuple[dict[str, str], ...]
     model: str
+    prefix_hashes: tuple[int, ...] = ()  # block hashes of the warmed prefix (to count wasted warms)
+    workflow: str = ""
 
 
 @dataclass(slots=True)
@@ -76,6 +107,10 @@ class Decision:
     queue: bool = False  # the pool is saturated: wait in the admission queue, then route again
     prewarm: tuple[PrewarmAction, ...] = ()
     reason: str = ""  # short explanation for spans and logs
+    # KV tokens to add to the chosen replica's `reserved_kv_tokens` on dispatch (and remove on completion):
+    # prompt + predicted output bound; `kv_expected_tokens` likewise for `reserved_kv_expected_tokens`
+    kv_reserve_tokens: int = 0
+    kv_expected_tokens: int = 0
 
 
 class Filter(Protocol):
@@ -104,6 +139,10 @@ class Picker(Protocol):
 
 PoolChooser = Callable[[RoutingContext, ClusterView], "PoolState | RouteError"]
 PriorityFn = Callable[[RoutingContext], "int | None"]
+# runs after the pick (like GIE's PreRequest): record the placement in a plugin's own state
+AfterPick = Callable[[RoutingContext, ReplicaState], None]
+# extra actions for the decision, e.g. pre-warm of the next call's prefix
+ActionsFn = Callable[[RoutingContext, ClusterView, ReplicaState], "tuple[PrewarmAction, ...]"]
 
 
 @dataclass(slots=True)
@@ -117,3 +156,5 @@ class Policy:
     picker: Picker
     priority: PriorityFn | None = None
     uses_prefix_index: bool = False  # record each placement in the prefix index
+    after_pick: tuple[AfterPick, ...] = ()
+    actions: ActionsFn | None = None

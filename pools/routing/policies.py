@@ -6,13 +6,24 @@ Baselines live here beside Pythia's own policy so every comparison runs the same
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 
-from pools.routing.base import Policy
+from pools.routing.base import AfterPick, Filter, Policy, Scorer
 from pools.routing.filters.healthy import HealthyFilter
+from pools.routing.filters.kv_capacity import KvCapacityFilter
+from pools.routing.pickers.cache_aware import CacheAwarePicker
 from pools.routing.pickers.max_score import MaxScorePicker
 from pools.routing.pickers.round_robin import RoundRobinPicker
 from pools.routing.pickers.session_hash import SessionHashPicker
-from pools.routing.pool_choice import smallest_fitting_pool
+from pools.routing.pool_choice import predicted_peak_pool, smallest_fitting_pool
+from pools.routing.priority import lookahead_priority
+from pools.routing.pythia_hooks import record_workflow
+from pools.routing.reconcile import record_prediction
+from pools.routing.scorers.gie_kv_utilization import GieKvUtilizationScorer
+from pools.routing.scorers.gie_prefix_cache import GiePrefixCacheScorer
+from pools.routing.scorers.gie_queue import GieQueueScorer
+from pools.routing.scorers.kv_headroom import KvHeadroomScorer
+from pools.routing.scorers.prefix_affinity import PrefixAffinityScorer
 from pools.routing.scorers.queue_depth import QueueDepthScorer
 
 
@@ -31,11 +42,89 @@ def session() -> Policy:
     return Policy("session", smallest_fitting_pool, (HealthyFilter(),), ((QueueDepthScorer(), 1.0),), SessionHashPicker())
 
 
+def prefix() -> Policy:
+    """SGLang router `cache_aware` (sgl-project/sglang sgl-router/src/policies/cache_aware.rs): approximate
+    radix tree per worker, shortest queue when `balance_abs/rel_threshold` say the load is imbalanced."""
+    return Policy("prefix", smallest_fitting_pool, (HealthyFilter(),), (), CacheAwarePicker())
+
+
+def llmd() -> Policy:
+    """llm-d inference scheduler's default profile (llm-d/llm-d-inference-scheduler, on the Gateway API
+    Inference Extension plugins): prefix-cache-scorer x3, kv-cache-utilization-scorer x2, queue-scorer x2,
+    max-score-picker (weights of llm-d's documented `inference-scheduling` EndpointPickerConfig)."""
+    prefix_scorer = GiePrefixCacheScorer()
+    return Policy(
+        "llmd",
+        smallest_fitting_pool,
+        (HealthyFilter(),),
+        ((prefix_scorer, 3.0), (GieKvUtilizationScorer(), 2.0), (GieQueueScorer(), 2.0)),
+        MaxScorePicker(),
+        after_pick=(prefix_scorer.record,),
+    )
+
+
+def pythia(
+    pool: bool = True,
+    capacity: bool = True,
+    prefix: bool = True,
+    priority: bool = True,
+    prewarm: bool = True,
+    *,
+    name: str = "pythia",
+    max_overflow_probability: float = 0.05,
+    headroom_weight: float = 1.0,
+    prefix_weight: float = 1.0,
+    queue_weight: float = 1.0,
+    aging_s: float = 60.0,
+) -> Policy:
+    """Pythia: workflow-lifetime pools, capacity-predictive choice, prefix affinity, lookahead priority,
+    pre-warm; each mechanism switchable (False = ablated) for the `pythia-no-<mechanism>` entries."""
+    from pools.prewarm import choose_prewarm  # late: pools.prewarm imports this package
+
+    filters: list[Filter] = [HealthyFilter()]
+    scorers: list[tuple[Scorer, float]] = [(QueueDepthScorer(), queue_weight)]
+    hooks: list[AfterPick] = [record_workflow]
+    if capacity:
+        filters.append(KvCapacityFilter(max_overflow_probability))
+        scorers.append((KvHeadroomScorer(), headroom_weight))
+    if prefix:
+        scorers.append((PrefixAffinityScorer(), prefix_weight))
+        hooks.append(record_prediction)
+    return Policy(
+        name,
+        predicted_peak_pool if pool else smallest_fitting_pool,
+        tuple(filters),
+        tuple(scorers),
+        MaxScorePicker(),
+        priority=partial(lookahead_priority, aging_s=aging_s) if priority else None,
+        uses_prefix_index=prefix,
+        after_pick=tuple(hooks),
+        actions=choose_prewarm if prewarm else None,
+    )
+
+
+# mechanisms a `pythia-no-<name>` ablation switches off (autoscaling is evaluated on its own)
+PYTHIA_MECHANISMS = ("pool", "capacity", "prefix", "priority", "prewarm")
+
+
+def _ablation(mechanism: str) -> Callable[[], Policy]:
+    def make() -> Policy:
+        return pythia(**{mechanism: False}, name=f"pythia-no-{mechanism}")
+
+    make.__doc__ = f"Pythia without its {mechanism} mechanism (ablation)."
+    return make
+
+
 POLICIES: dict[str, Callable[[], Policy]] = {
     "round_robin": round_robin,
     "least_loaded": least_loaded,
     "session": session,
+    "prefix": prefix,
+    "llmd": llmd,
+    "pythia": pythia,
+    **{f"pythia-no-{m}": _ablation(m) for m in PYTHIA_MECHANISMS},
 }
+BASELINES = ("round_robin", "least_loaded", "session", "prefix", "llmd")
 
 
 def make_policy(name: str) -> Policy:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pools.routing.base import Decision, Policy, RouteError, RoutingContext
+from pools.routing.kv import call_kv_bound, call_kv_expected
 from pools.types import ClusterView
 
 NO_REPLICA_RETRY_AFTER_S = 1.0
@@ -41,5 +42,16 @@ def route(ctx: RoutingContext, view: ClusterView, policy: Policy) -> Decision:
     chosen = candidates[0] if len(candidates) == 1 else policy.picker.pick(ctx, candidates, totals)
     if policy.uses_prefix_index and ctx.features.prefix_hashes:
         ctx.state.prefix_index.insert(chosen.url, ctx.features.prefix_hashes)
+    for hook in policy.after_pick:
+        hook(ctx, chosen)
     priority = policy.priority(ctx) if policy.priority is not None else ctx.features.priority
-    return Decision(pool=pool.name, replica=chosen.url, priority=priority, reason=policy.picker.name)
+    prewarm = policy.actions(ctx, view, chosen) if policy.actions is not None else ()
+    return Decision(
+        pool=pool.name,
+        replica=chosen.url,
+        priority=priority,
+        prewarm=prewarm,
+        reason=policy.picker.name,
+        kv_reserve_tokens=call_kv_bound(ctx),
+        kv_expected_tokens=call_kv_expected(ctx),
+    )

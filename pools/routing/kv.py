@@ -1,0 +1,66 @@
+"""How much KV cache one call needs, from its prompt and the predicted length of its output."""
+
+from __future__ import annotations
+
+import math
+
+from pools.routing.base import RoutingContext
+from pools.types import ReplicaState
+
+# output length assumed when neither the predictor nor the client bounds it (a cold call)
+DEFAULT_OUTPUT_BOUND = 1024
+# z-score of the predictor's output *bound* (its high quantile, about p95): turns bound-expected into a sd
+BOUND_Z = 1.645
+
+
+def output_bound(ctx: RoutingContext) -> int:
+    """Predicted high quantile of this call's output tokens, capped by the client's max_tokens."""
+    b = ctx.prediction.output_tokens_bound
+    mt = ctx.features.max_tokens
+    if b <= 0:
+        return mt if mt is not None else DEFAULT_OUTPUT_BOUND
+    return min(b, mt) if mt is not None else b
+
+
+def output_expected(ctx: RoutingContext) -> int:
+    """Expected output tokens of this call (the bound when nothing better is known)."""
+    e = ctx.prediction.output_tokens_expected
+    bound = output_bound(ctx)
+    return min(bound, math.ceil(e)) if e > 0 else bound
+
+
+def call_kv_bound(ctx: RoutingContext) -> int:
+    """KV tokens this call may occupy at its output bound."""
+    return ctx.features.prompt_tokens + output_bound(ctx)
+
+
+def call_kv_expected(ctx: RoutingContext) -> int:
+    """KV tokens this call is expected to occupy."""
+    return ctx.features.prompt_tokens + output_expected(ctx)
+
+
+def expected_used(r: ReplicaState) -> float:
+    """KV tokens the replica's running calls are expected to need (reservations, or the scrape if larger)."""
+    exp = r.reserved_kv_expected_tokens or r.reserved_kv_tokens
+    return max(float(exp), r.kv_usage * r.kv_capacity_tokens)
+
+
+def overflow_probability(r: ReplicaState, need_expected: int, need_bound: int) -> float:
+    """P(the replica's KV demand, with this call added, exceeds its capacity); 0 when capacity is unknown.
+
+    Each call's output is uncertain between its expected value and its bound (a high quantile):
+    the sum over the calls is treated as normal with sd = sum of (bound - expected) / z / sqrt(n)
+    (independent calls), so many small uncertain calls overflow less often than their bounds add up.
+    """
+    cap = r.kv_capacity_tokens
+    if cap <= 0:
+        return 0.0
+    mean = expected_used(r) + need_expected
+    slack = max(0, r.reserved_kv_tokens - (r.reserved_kv_expected_tokens or r.reserved_kv_tokens))
+    slack += max(0, need_bound - need_expected)
+    if slack <= 0:
+        return 1.0 if mean > cap else 0.0
+    n = max(1, r.inflight + 1)
+    sd = slack / BOUND_Z / math.sqrt(n)
+    z = (cap - mean) / sd
+    return 0.5 * math.erfc(z / math.sqrt(2.0))

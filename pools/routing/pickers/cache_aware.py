@@ -1,0 +1,66 @@
+"""SGLang router's `cache_aware` policy as a picker (the whole decision, scores unused).
+
+Follows sgl-project/sglang sgl-router/src/policies/cache_aware.rs (`CacheAwarePolicy::select_worker`):
+
+* load = the router's own count of outstanding requests per worker; the system is *imbalanced* when
+  `max - min > balance_abs_threshold` and `max > min * balance_rel_threshold`: then shortest queue wins
+  (and the tree still records the request there);
+* otherwise the approximate radix tree of past requests per worker gives the longest prefix match:
+  when matched/prompt characters > `cache_threshold` the matching worker wins, else the worker with the
+  smallest tree (most free cache, as the router guesses);
+* the chosen worker's tree takes the request text; trees are LRU-trimmed to `max_tree_size`.
+
+Defaults are the router's launch defaults (sglang_router/router_args.py): cache_threshold 0.3,
+balance_abs_threshold 64, balance_rel_threshold 1.5, max_tree_size 2**26 characters. The tree is
+approximated here by chained 256-character block hashes (pools.prefix_hash) in an LRU index per
+worker: a match is counted in whole blocks, not characters.
+"""
+
+from __future__ import annotations
+
+from pools.prefix_hash import DEFAULT_BLOCK_CHARS
+from pools.request_features import BYTES_PER_TOKEN
+from pools.routing.base import RoutingContext
+from pools.types import ReplicaState
+
+INDEX_NAME = "sglang-approx-tree"
+
+
+class CacheAwarePicker:
+    """SGLang's cache-aware load balancing: prefix tree when balanced, shortest queue when not."""
+
+    name = "cache-aware"
+
+    def __init__(
+        self,
+        cache_threshold: float = 0.3,
+        balance_abs_threshold: int = 64,
+        balance_rel_threshold: float = 1.5,
+        max_tree_size_chars: int = 2**26,
+    ) -> None:
+        self.cache_threshold = cache_threshold
+        self.balance_abs_threshold = balance_abs_threshold
+        self.balance_rel_threshold = balance_rel_threshold
+        self.capacity_blocks = max(1, max_tree_size_chars // DEFAULT_BLOCK_CHARS)
+
+    def pick(self, ctx: RoutingContext, candidates: list[ReplicaState], scores: list[float]) -> ReplicaState:
+        tree = ctx.state.index(INDEX_NAME, self.capacity_blocks)
+        hashes = ctx.features.prefix_hashes
+        loads = [r.inflight for r in candidates]
+        hi, lo = max(loads), min(loads)
+        if hi - lo > self.balance_abs_threshold and hi > lo * self.balance_rel_threshold:
+            chosen = candidates[loads.index(lo)]
+        else:
+            chosen = self._cache_choice(ctx, candidates, tree.match(hashes) if hashes else {})
+        if hashes:
+            tree.insert(chosen.url, hashes)
+        return chosen
+
+    def _cache_choice(self, ctx: RoutingContext, candidates: list[ReplicaState], matched: dict[str, int]) -> ReplicaState:
+        text_chars = ctx.features.prompt_tokens * BYTES_PER_TOKEN
+        if matched and text_chars > 0:
+            best = max(candidates, key=lambda r: matched.get(r.url, 0))
+            if matched.get(best.url, 0) * DEFAULT_BLOCK_CHARS / text_chars > self.cache_threshold:
+                return best
+        tree = ctx.state.indexes[INDEX_NAME]
+        return min(candidates, key=lambda r: tree.size(r.url))

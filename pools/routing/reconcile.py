@@ -1,0 +1,63 @@
+"""Keep the gateway's prefix index honest (Pythia mechanism 3): size it from KV capacity, correct it
+from the hit rate each replica reports (`vllm:prefix_cache_hits` / `vllm:prefix_cache_queries`)."""
+
+from __future__ import annotations
+
+from pools.prefix_hash import DEFAULT_BLOCK_CHARS
+from pools.request_features import BYTES_PER_TOKEN
+from pools.routing.base import RoutingContext, RoutingState
+from pools.types import ReplicaState
+
+TOKENS_PER_BLOCK = DEFAULT_BLOCK_CHARS // BYTES_PER_TOKEN
+MIN_QUERY_TOKENS = 4096.0  # fewer prompt tokens since the last reconcile: too little evidence
+
+
+def size_from_capacity(state: RoutingState, replica: ReplicaState) -> None:
+    """Give the replica an index share equal to its KV cache, the first time its capacity is known."""
+    if replica.kv_capacity_tokens > 0 and replica.url not in state.sized_replicas:
+        state.sized_replicas.add(replica.url)
+        blocks = max(1, replica.kv_capacity_tokens // TOKENS_PER_BLOCK)
+        state.index_capacity[replica.url] = blocks
+        state.prefix_index.set_capacity(replica.url, blocks)
+
+
+def record_prediction(ctx: RoutingContext, chosen: ReplicaState) -> None:
+    """After a pick: remember how many prompt tokens the index expected to hit on the chosen replica."""
+    state = ctx.state
+    size_from_capacity(state, chosen)
+    prompt = ctx.features.prompt_tokens
+    hit = min(prompt, ctx.matched_blocks().get(chosen.url, 0) * TOKENS_PER_BLOCK)
+    url = chosen.url
+    state.predicted_hit_tokens[url] = state.predicted_hit_tokens.get(url, 0.0) + hit
+    state.routed_prompt_tokens[url] = state.routed_prompt_tokens.get(url, 0.0) + prompt
+
+
+def reconcile_prefix_index(
+    state: RoutingState, replica: ReplicaState, query_tokens: float, hit_tokens: float
+) -> int | None:
+    """Correct one replica's index share from the scraped counters' increase since the last call.
+
+    `query_tokens`/`hit_tokens`: increase of `vllm:prefix_cache_queries`/`_hits` since the previous
+    reconcile. When the replica hits much less than the index predicted, the index remembers blocks
+    vLLM already evicted: shrink its share (at most halve it); when it hits more, grow it (up to twice
+    the KV capacity). Returns the new share in blocks, or None when there was too little traffic.
+    """
+    url = replica.url
+    routed = state.routed_prompt_tokens.get(url, 0.0)
+    if query_tokens < MIN_QUERY_TOKENS or routed < MIN_QUERY_TOKENS:
+        return None
+    predicted = state.predicted_hit_tokens.get(url, 0.0) / routed
+    observed = hit_tokens / query_tokens
+    state.predicted_hit_tokens[url] = 0.0
+    state.routed_prompt_tokens[url] = 0.0
+    base = max(1, replica.kv_capacity_tokens // TOKENS_PER_BLOCK) if replica.kv_capacity_tokens > 0 else 0
+    current = state.index_capacity.get(url) or base or 16384
+    ratio = (observed + 0.02) / (predicted + 0.02)
+    if 0.8 <= ratio <= 1.25:
+        return current
+    new = int(current * min(1.5, max(0.5, ratio)))
+    upper = 2 * base if base else 4 * current
+    new = max(64, min(new, upper))
+    state.index_capacity[url] = new
+    state.prefix_index.set_capacity(url, new)
+    return new
