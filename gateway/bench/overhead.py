@@ -1,0 +1,284 @@
+"""`make bench-gateway`: gateway overhead side by side with nginx and the Rust routers, same load, one run.
+
+Every target proxies to the same fast mock upstreams (gateway.bench.mock_upstream); wrk
+drives a 2,205-byte chat body at 64 connections for non-stream and stream, then one
+connection for added latency. A second phase holds 10,000 open SSE streams through
+`pythia serve` and records its memory. Results go to docs/results/gateway-overhead.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from gateway.bench.wrk_body import MODEL, chat_body, lua_script
+
+ROUTER_VENV = Path(".venv-bench")
+TARGETS = [
+    "direct",
+    "nginx",
+    "vllm-router:round_robin",
+    "vllm-router:cache_aware",
+    "sglang-router:round_robin",
+    "sglang-router:cache_aware",
+    "pythia:round_robin",
+    "pythia:pythia",
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_http(url: str, timeout_s: float = 60.0) -> None:
+    """Poll until `url` answers anything below 500."""
+    deadline = time.monotonic() + timeout_s
+    last: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status < 500:
+                    return
+        except urllib.error.HTTPError as e:
+            if e.code < 500:
+                return
+            last = e
+        except Exception as e:  # not up yet
+            last = e
+        time.sleep(0.2)
+    raise RuntimeError(f"{url} did not come up: {last}")
+
+
+@dataclass(slots=True)
+class Procs:
+    """Processes started for one target; all are killed (process group) on exit."""
+
+    items: list[subprocess.Popen[bytes]] = field(default_factory=list)
+
+    def start(self, cmd: list[str], env: dict[str, str] | None = None, log: Path | None = None) -> subprocess.Popen[bytes]:
+        out = open(log, "ab") if log else subprocess.DEVNULL  # noqa: SIM115 - closed with the process
+        p = subprocess.Popen(cmd, env={**os.environ, **(env or {})}, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        self.items.append(p)
+        return p
+
+    def stop(self) -> None:
+        for p in self.items:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.pid, signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        for p in self.items:
+            try:
+                p.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+        self.items.clear()
+
+
+def ensure_tools() -> None:
+    """wrk and nginx from Debian, the routers from PyPI into their own venv."""
+    missing = [t for t in ("wrk", "nginx") if shutil.which(t) is None and not Path(f"/usr/sbin/{t}").exists()]
+    if missing:
+        subprocess.run(["apt-get", "update", "-qq"], check=True)
+        subprocess.run(["apt-get", "install", "-y", "-qq", *missing], check=True, env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
+    if not (ROUTER_VENV / "bin" / "vllm-router").exists() or not (ROUTER_VENV / "bin" / "python").exists():
+        subprocess.run([sys.executable, "-m", "venv", str(ROUTER_VENV)], check=True)
+        subprocess.run([str(ROUTER_VENV / "bin" / "pip"), "install", "-q", "vllm-router", "sglang-router"], check=True)
+
+
+def nginx_bin() -> str:
+    return shutil.which("nginx") or "/usr/sbin/nginx"
+
+
+NGINX_CONF = """
+worker_processes 2;
+pid {dir}/nginx.pid;
+error_log {dir}/nginx-error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+  access_log off;
+  client_body_temp_path {dir}/body;
+  proxy_temp_path {dir}/proxy;
+  upstream backends {{ {servers} keepalive 128; }}
+  server {{
+    listen 127.0.0.1:{port} reuseport;
+    client_max_body_size 10m;
+    location / {{
+      proxy_pass http://backends;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_buffering off;
+      tcp_nodelay on;
+    }}
+  }}
+}}
+"""
+
+
+@contextlib.contextmanager
+def target(name: str, upstreams: list[str], tmp: Path) -> Iterator[str]:
+    """Start one target in front of `upstreams`; yield its base URL."""
+    procs = Procs()
+    try:
+        port = free_port()
+        base = f"http://127.0.0.1:{port}"
+        kind, _, policy = name.partition(":")
+        if kind == "direct":
+            yield upstreams[0]
+            return
+        if kind == "nginx":
+            d = tmp / "nginx"
+            d.mkdir(exist_ok=True)
+            servers = " ".join(f"server {u.removeprefix('http://')};" for u in upstreams)
+            (d / "nginx.conf").write_text(NGINX_CONF.format(dir=d, servers=servers, port=port))
+            procs.start([nginx_bin(), "-p", str(d), "-c", str(d / "nginx.conf"), "-g", "daemon off;"], log=tmp / "nginx.log")
+            wait_http(base + "/health")
+        elif kind == "vllm-router":
+            procs.start(
+                [str(ROUTER_VENV / "bin" / "vllm-router"), "--host", "127.0.0.1", "--port", str(port), "--policy", policy,
+                 "--prometheus-host", "127.0.0.1", "--prometheus-port", str(free_port()), "--log-level", "warning",
+                 "--worker-urls", *upstreams],
+                log=tmp / f"{kind}-{policy}.log",
+            )
+            wait_http(base + "/health")
+        elif kind == "sglang-router":
+            procs.start(
+                [str(ROUTER_VENV / "bin" / "python"), "-m", "sglang_router.launch_router", "--host", "127.0.0.1",
+                 "--port", str(port), "--policy", policy, "--prometheus-host", "127.0.0.1",
+                 "--prometheus-port", str(free_port()), "--log-level", "warn", "--worker-urls", *upstreams],
+                env={"HF_HUB_OFFLINE": "1"},
+                log=tmp / f"{kind}-{policy}.log",
+            )
+            wait_http(base + "/health")
+        elif kind == "pythia":
+            pools = [{"name": "short", "max_context_tokens": 32768, "models": [MODEL], "replicas": upstreams}]
+            procs.start(
+                [str(Path(sys.executable).parent / "pythia"), "serve"],
+                env={"PYTHIA_HOST": "127.0.0.1", "PYTHIA_PORT": str(port), "PYTHIA_WORKERS": "2",
+                     "PYTHIA_POOLS": json.dumps(pools), "PYTHIA_POLICY": policy, "PYTHIA_LOG_LEVEL": "warning"},
+                log=tmp / f"pythia-{policy}.log",
+            )
+            wait_http(base + "/ready")
+        else:
+            raise ValueError(name)
+        yield base
+    finally:
+        procs.stop()
+
+
+_UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 60e3}
+
+
+def _ms(text: str) -> float:
+    m = re.fullmatch(r"([\d.]+)(us|ms|s|m)", text.strip())
+    if not m:
+        raise ValueError(text)
+    return float(m.group(1)) * _UNITS[m.group(2)]
+
+
+def run_wrk(url: str, script: Path, connections: int, seconds: int) -> dict[str, float]:
+    """One wrk run; returns rps, p50_ms, p99_ms and the error count."""
+    out = subprocess.run(
+        ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency", "--timeout", "10s", "-s", str(script),
+         url + "/v1/chat/completions"],
+        capture_output=True, text=True, check=True,
+    ).stdout
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    p50 = _ms(re.search(r"50%\s+(\S+)", out).group(1))  # type: ignore[union-attr]
+    p99 = _ms(re.search(r"99%\s+(\S+)", out).group(1))  # type: ignore[union-attr]
+    errs = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    sock = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    n_err = (int(errs.group(1)) if errs else 0) + (sum(int(x) for x in sock.groups()) if sock else 0)
+    return {"rps": round(rps, 1), "p50_ms": round(p50, 3), "p99_ms": round(p99, 3), "errors": n_err}
+
+
+def measure(targets: list[str], seconds: int, warmup: int, tmp: Path) -> dict[str, dict[str, object]]:
+    """The side-by-side table: non-stream, stream and one-connection latency per target."""
+    ns, st = tmp / "nonstream.lua", tmp / "stream.lua"
+    ns.write_text(lua_script(chat_body(False)))
+    st.write_text(lua_script(chat_body(True)))
+    result: dict[str, dict[str, object]] = {"non_stream": {}, "stream": {}, "added_latency_c1_ms": {}, "c1_p50_ms": {}}
+    mocks = Procs()
+    try:
+        ups: list[str] = []
+        ups_noinfo: list[str] = []
+        for info in (True, False):
+            for _ in range(2):
+                port = free_port()
+                cmd = [sys.executable, "-m", "gateway.bench.mock_upstream", "--port", str(port)]
+                mocks.start(cmd + ([] if info else ["--no-model-info"]))
+                (ups if info else ups_noinfo).append(f"http://127.0.0.1:{port}")
+        for u in ups + ups_noinfo:
+            wait_http(u + "/health")
+        for name in targets:
+            upstreams = ups_noinfo if name.startswith("sglang") else ups
+            print(f"== {name}", flush=True)
+            try:
+                with target(name, upstreams, tmp) as url:
+                    run_wrk(url, ns, 64, warmup)
+                    result["non_stream"][name] = run_wrk(url, ns, 64, seconds)
+                    run_wrk(url, st, 64, warmup)
+                    result["stream"][name] = run_wrk(url, st, 64, seconds)
+                    result["c1_p50_ms"][name] = run_wrk(url, ns, 1, max(3, seconds // 3))["p50_ms"]
+            except Exception as e:  # one broken target must not sink the table
+                print(f"   {name} failed: {e}", flush=True)
+                result["non_stream"][name] = result["stream"][name] = {"error": str(e)}
+            print(f"   non_stream {result['non_stream'][name]}  stream {result['stream'][name]}", flush=True)
+    finally:
+        mocks.stop()
+    direct = result["c1_p50_ms"].get("direct")
+    if isinstance(direct, float):
+        for name, v in result["c1_p50_ms"].items():
+            if isinstance(v, float):
+                result["added_latency_c1_ms"][name] = round(v - direct, 3)
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--out", default="docs/results/gateway-overhead.json")
+    p.add_argument("--seconds", type=int, default=15)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--targets", default=",".join(TARGETS))
+    p.add_argument("--streams", type=int, default=10000, help="open SSE streams for the memory run (0 = skip)")
+    a = p.parse_args(argv)
+    ensure_tools()
+    with tempfile.TemporaryDirectory(prefix="pythia-bench-") as d:
+        result = measure(a.targets.split(","), a.seconds, a.warmup, Path(d))
+        if a.streams:
+            from gateway.bench.open_streams import measure_open_streams
+
+            result["open_streams"] = measure_open_streams(a.streams, Path(d))
+    result["config"] = {
+        "command": "make bench-gateway",
+        "seconds": a.seconds,
+        "connections": 64,
+        "body_bytes": len(chat_body(False)),
+        "machine": f"{os.cpu_count()} cores",
+        "date": time.strftime("%Y-%m-%d"),
+    }
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out).write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
