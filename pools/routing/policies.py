@@ -73,7 +73,7 @@ def pythia(
     name: str = "pythia",
     max_overflow_probability: float = 0.05,
     headroom_weight: float = 1.0,
-    prefix_weight: float = 1.0,
+    prefix_weight: float = 0.3,
     queue_weight: float = 1.0,
     aging_s: float = 60.0,
 ) -> Policy:

@@ -20,8 +20,9 @@ def route(ctx: RoutingContext, view: ClusterView, policy: Policy) -> Decision:
         candidates = f.filter(ctx, candidates)
         if not candidates:
             if any(r.healthy for r in pool.replicas if r.url not in ctx.exclude):
-                # healthy replicas exist but none may take more now: wait at the gateway
-                return Decision(pool=pool.name, queue=True, reason=f"saturated:{f.name}")
+                # healthy replicas exist but none may take more now: wait at the gateway, in priority order
+                priority = policy.priority(ctx) if policy.priority is not None else ctx.features.priority
+                return Decision(pool=pool.name, queue=True, priority=priority, reason=f"saturated:{f.name}")
             return Decision(
                 pool=pool.name,
                 error=RouteError(

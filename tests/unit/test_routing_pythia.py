@@ -1,0 +1,142 @@
+"""Pythia's mechanisms on hand-built cluster states: pool, capacity, prefix affinity, priority."""
+
+from __future__ import annotations
+
+from pools.routing import RoutingState, make_policy, route
+from pools.routing.policies import pythia
+from pools.routing.priority import COLD_PRIORITY, lookahead_priority
+from pools.routing.reconcile import TOKENS_PER_BLOCK, reconcile_prefix_index
+from predictor.types import Tags
+from tests.unit.test_routing_helpers import LONG, SHORT, call, cluster, warm
+
+
+def test_workflow_is_placed_by_predicted_peak_and_stays_there() -> None:
+    v, st, p = cluster(), RoutingState(), make_policy("pythia")
+    # a small first call of a workflow predicted to grow to 60k tokens goes to the long pool at once
+    d = route(call(st, "plan", prediction=warm("wf1", peak_context_tokens=60_000)), v, p)
+    assert d.pool == "long" and d.replica in LONG
+    # a later call, still small, stays in the long pool (its cache is there)
+    d = route(call(st, "plan more", prediction=warm("wf1", peak_context_tokens=60_000)), v, p)
+    assert d.pool == "long"
+    # round robin sizes by the current prompt: it would have used the short pool
+    assert route(call(RoutingState(), "plan"), v, make_policy("round_robin")).pool == "short"
+    # without the pool mechanism, Pythia also sizes by the current prompt
+    assert route(call(RoutingState(), "plan", prediction=warm("wf1", peak_context_tokens=60_000)), v,
+                 make_policy("pythia-no-pool")).pool == "short"
+
+
+def test_workflow_migrates_only_when_it_outgrows_its_pool() -> None:
+    v, st, p = cluster(), RoutingState(), make_policy("pythia")
+    d = route(call(st, "x", prediction=warm("wf2", peak_context_tokens=4000)), v, p)
+    assert d.pool == "short" and st.workflow_pool["wf2"] == "short"
+    # the prediction was wrong: this prompt (~20k tokens) no longer fits the short pool
+    d = route(call(st, "y" * 4 * 20_000, prediction=warm("wf2", peak_context_tokens=4000)), v, p)
+    assert d.pool == "long" and st.workflow_pool["wf2"] == "long"
+    # and it stays in the long pool afterwards even for small calls
+    assert route(call(st, "z", prediction=warm("wf2", peak_context_tokens=4000)), v, p).pool == "long"
+
+
+def test_capacity_filter_avoids_replicas_that_would_overflow() -> None:
+    v, st, p = cluster(kv_capacity=10_000), RoutingState(), make_policy("pythia")
+    s1, s2, s3 = v.pools[0].replicas
+    # s1 and s2 hold calls that will need almost all their KV; s3 is half full
+    for r, reserved in ((s1, 9_800), (s2, 9_500), (s3, 5_000)):
+        r.inflight, r.reserved_kv_tokens, r.reserved_kv_expected_tokens = 3, reserved, reserved
+    c = call(st, "q" * 4 * 1000, max_tokens=None, prediction=warm("wf3", peak_context_tokens=2000))
+    d = route(c, v, p)
+    assert d.replica == "http://s3"
+    # the gateway adds these to the replica's reservations while the call runs
+    prompt = c.features.prompt_tokens
+    assert (d.kv_reserve_tokens, d.kv_expected_tokens) == (prompt + 400, prompt + 200)
+
+
+def test_no_eligible_replica_queues_at_the_gateway_with_priority() -> None:
+    v, st, p = cluster(kv_capacity=10_000), RoutingState(), make_policy("pythia")
+    for r in v.pools[0].replicas:
+        r.inflight, r.reserved_kv_tokens, r.reserved_kv_expected_tokens = 4, 9_900, 9_900
+    d = route(call(st, "q" * 4 * 1000, prediction=warm("wf4", remaining_steps=2.0)), v, p)
+    assert d.queue and not d.replica and d.error is None and d.pool == "short"
+    assert d.priority == 2
+    # without the capacity mechanism the call is placed anyway (and would push a replica into preemption)
+    assert route(call(RoutingState(), "q" * 4 * 1000, prediction=warm("wf4")), v,
+                 make_policy("pythia-no-capacity")).replica in SHORT
+
+
+def test_uncertain_outputs_overflow_less_than_their_bounds_add_up() -> None:
+    v, p = cluster(kv_capacity=10_000), make_policy("pythia")
+    s1, s2, s3 = v.pools[0].replicas
+    for r in (s2, s3):
+        r.inflight, r.reserved_kv_tokens, r.reserved_kv_expected_tokens = 20, 10_000, 10_000
+    # many calls whose bounds sum past capacity but whose expected need is far below it
+    s1.inflight, s1.reserved_kv_tokens, s1.reserved_kv_expected_tokens = 20, 11_000, 6_000
+    d = route(call(RoutingState(), "q" * 400, prediction=warm("wf5")), v, p)
+    assert d.replica == "http://s1"
+
+
+def test_most_expected_headroom_wins_and_prefix_breaks_ties() -> None:
+    v, p = cluster(kv_capacity=100_000), make_policy("pythia")
+    st = RoutingState()
+    s1, s2, s3 = v.pools[0].replicas
+    s1.inflight, s1.reserved_kv_expected_tokens, s1.reserved_kv_tokens = 1, 60_000, 60_000
+    s2.inflight, s2.reserved_kv_expected_tokens, s2.reserved_kv_tokens = 1, 10_000, 10_000
+    s3.inflight, s3.reserved_kv_expected_tokens, s3.reserved_kv_tokens = 1, 10_000, 10_000
+    text = "shared system prompt " * 200
+    st.prefix_index.insert("http://s3", call(st, text).features.prefix_hashes)
+    # equal headroom and load on s2 and s3: s3 holds the prefix
+    assert route(call(st, text + "question", prediction=warm("wf6")), v, p).replica == "http://s3"
+    # s1 holds the prefix but has far less headroom: capacity wins over the cached prefix
+    st2 = RoutingState()
+    st2.prefix_index.insert("http://s1", call(st2, text).features.prefix_hashes)
+    s1.reserved_kv_expected_tokens = s1.reserved_kv_tokens = 95_000
+    assert route(call(st2, text + "question", prediction=warm("wf6")), v, p).replica != "http://s1"
+
+
+def test_prefix_affinity_keeps_a_workflow_on_the_replica_with_its_context() -> None:
+    v, st, p = cluster(), RoutingState(), make_policy("pythia")
+    history = "turn " * 2000
+    first = route(call(st, history, prediction=warm("wf7")), v, p).replica
+    for i in range(5):
+        history += f" reply {i} " * 50
+        assert route(call(st, history, prediction=warm("wf7")), v, p).replica == first
+    # without prefix affinity the same calls spread over the pool
+    st2, p2 = RoutingState(), make_policy("pythia-no-prefix")
+    history = "turn " * 2000
+    seen = {route(call(st2, history + str(i) * 50, prediction=warm("wf7")), v, p2).replica for i in range(6)}
+    assert len(seen) > 1
+
+
+def test_prefix_index_is_sized_from_kv_capacity_and_reconciled_from_hit_rate() -> None:
+    v, st, p = cluster(kv_capacity=64_000), RoutingState(), make_policy("pythia")
+    text = "doc " * 3000
+    replica = route(call(st, text, prediction=warm("wf8")), v, p).replica
+    assert st.index_capacity[replica] == 64_000 // TOKENS_PER_BLOCK
+    for _ in range(3):
+        route(call(st, text, prediction=warm("wf8")), v, p)
+    r = v.replica(replica)
+    assert r is not None
+    # the index expected mostly hits; the replica reports almost none: it evicted, so the share shrinks
+    new = reconcile_prefix_index(st, r, query_tokens=12_000.0, hit_tokens=100.0)
+    assert new is not None and new < 64_000 // TOKENS_PER_BLOCK
+
+
+def test_lookahead_priority_prefers_workflows_near_their_end_and_ages() -> None:
+    st = RoutingState()
+    near = call(st, prediction=warm("a", remaining_steps=1.0), now=100.0)
+    far = call(st, prediction=warm("b", remaining_steps=12.0), now=100.0)
+    assert lookahead_priority(near) < lookahead_priority(far)
+    assert lookahead_priority(call(st, now=100.0)) == COLD_PRIORITY
+    # a long workflow that has been running for 10 minutes has aged to the front
+    st.workflow_started["b"] = 0.0
+    old_far = call(st, prediction=warm("b", remaining_steps=12.0), now=600.0)
+    assert lookahead_priority(old_far, aging_s=60.0) == 2
+    # the decision carries it; the no-priority ablation passes the client's own value through
+    v = cluster()
+    assert route(call(RoutingState(), prediction=warm("a", remaining_steps=1.0)), v, make_policy("pythia")).priority == 1
+    assert route(call(RoutingState(), prediction=warm("a", remaining_steps=1.0)), v,
+                 make_policy("pythia-no-priority")).priority is None
+
+
+def test_cold_calls_still_route_and_unknown_capacity_is_not_a_blocker() -> None:
+    v, st = cluster(kv_capacity=0), RoutingState()
+    got = {route(call(st, f"hi {i}", tags=Tags(session=str(i))), v, pythia()).replica for i in range(9)}
+    assert got <= set(SHORT) and len(got) == 3
