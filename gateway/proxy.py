@@ -1,0 +1,515 @@
+"""The hot path: one completion request from arrival to its last byte.
+
+parse once (orjson) -> tags -> features -> predict -> route -> forward (original bytes
+unless we changed the body) -> stream the upstream's bytes back as they arrive ->
+observe. Retries happen only before the first byte reached the client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import aiohttp
+import orjson
+from aiohttp import web
+from multidict import CIMultiDict
+
+from gateway.errors import error_response, sse_error_event
+from gateway.health import ReplicaMonitor
+from gateway.metrics import GatewayMetrics
+from gateway.prediction import PredictorLike
+from gateway.settings import Settings
+from gateway.tags import HEADER_NAMES, TagError, read_tags
+from pools.request_features import InvalidRequest, extract_features
+from pools.routing import Decision, Policy, PrewarmAction, RoutingContext, RoutingState, route
+from pools.routing.router import NO_REPLICA_RETRY_AFTER_S
+from pools.types import ClusterView, PoolConfig, ReplicaState
+from predictor.types import Outcome, Prediction
+
+log = logging.getLogger("pythia.proxy")
+
+# request headers never forwarded upstream (hop-by-hop, recomputed, or ours)
+_DROP_REQUEST_HEADERS = (
+    "Host", "Content-Length", "Connection", "Keep-Alive", "Transfer-Encoding", "TE", "Trailer", "Upgrade",
+    "Proxy-Connection", "Proxy-Authorization", "Expect", "Accept-Encoding", *HEADER_NAMES.values(),
+)  # fmt: skip
+# response headers not copied back (hop-by-hop or set by our own server)
+_DROP_RESPONSE_HEADERS = frozenset(
+    ("content-length", "transfer-encoding", "connection", "keep-alive", "date", "server", "trailer", "upgrade")
+)
+_USAGE_RE = re.compile(rb'"usage"\s*:\s*(\{(?:[^{}]|\{[^{}]*\})*\})')
+
+# Hook types for the pieces that plug into the hot path (see README "Extending the gateway")
+AdmissionHook = Callable[[RoutingContext, Decision], Awaitable[Decision]]
+PrewarmHook = Callable[[tuple[PrewarmAction, ...]], None]
+
+
+def find_usage(data: bytes) -> dict[str, Any] | None:
+    """The last non-null `usage` object in a JSON body or SSE tail, parsed; None when absent."""
+    i = data.rfind(b'"usage"')
+    while i >= 0:
+        m = _USAGE_RE.match(data, i)
+        if m is not None:
+            try:
+                u = orjson.loads(m.group(1))
+            except orjson.JSONDecodeError:
+                return None
+            return u if isinstance(u, dict) else None
+        i = data.rfind(b'"usage"', 0, i)
+    return None
+
+
+class _Attempt:
+    """Why an upstream attempt failed before any byte went to the client."""
+
+    __slots__ = ("code", "kind", "message", "retryable", "status")
+
+    def __init__(self, kind: str, status: int, code: str, message: str, retryable: bool) -> None:
+        self.kind = kind
+        self.status = status
+        self.code = code
+        self.message = message
+        self.retryable = retryable
+
+
+class Gateway:
+    """One worker's gateway: cluster view, router state, upstream pool, predictor and hooks."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        pools: list[PoolConfig],
+        predictor: PredictorLike,
+        metrics: GatewayMetrics | None = None,
+        tracer: Any = None,
+    ) -> None:
+        self.settings = settings
+        self.view = ClusterView.from_configs(pools)
+        self.replicas: dict[str, ReplicaState] = {r.url: r for p in self.view.pools for r in p.replicas}
+        self.routing_state = RoutingState()
+        from pools.routing import make_policy
+
+        self.policy: Policy = make_policy(settings.policy)
+        self.predictor = predictor
+        self.metrics = metrics if metrics is not None else GatewayMetrics()
+        self.tracer = tracer
+        self.monitor = ReplicaMonitor(
+            self.view,
+            self.routing_state,
+            self.metrics,
+            interval_s=settings.health_interval_s,
+            timeout_s=settings.health_timeout_s,
+            unhealthy_after=settings.unhealthy_after,
+            scrape_interval_s=settings.metrics_scrape_interval_s,
+        )
+        self.session: aiohttp.ClientSession | None = None
+        # Hooks for the admission queue and the pre-warm sender; None = not installed.
+        self.admission: AdmissionHook | None = None
+        self.prewarm: PrewarmHook | None = None
+        self._timeout = aiohttp.ClientTimeout(
+            total=None, sock_connect=settings.connect_timeout_s, sock_read=settings.read_timeout_s
+        )
+        self._retries = settings.retries
+        self._tag_len = settings.max_tag_length
+        self._routing_headers = settings.routing_headers
+        created = int(time.time())
+        models = sorted({m for p in self.view.pools for m in p.models})
+        self.models_body = orjson.dumps(
+            {
+                "object": "list",
+                "data": [{"id": m, "object": "model", "created": created, "owned_by": "pythia"} for m in models],
+            }
+        )
+
+    # -- lifecycle -------------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Open the upstream pool and start health checks, scraping and the predictor's background work."""
+        limit = self.settings.upstream_max_connections
+        connector = aiohttp.TCPConnector(
+            limit=0,
+            limit_per_host=limit,
+            keepalive_timeout=self.settings.upstream_keepalive_s,
+            ttl_dns_cache=None,
+            use_dns_cache=True,
+        )
+        # aiohttp sets TCP_NODELAY on every connection it opens (client and server side).
+        self.session = aiohttp.ClientSession(
+            connector=connector,
+            timeout=self._timeout,
+            auto_decompress=False,
+            skip_auto_headers=("Accept-Encoding",),
+            cookie_jar=aiohttp.DummyCookieJar(),
+        )
+        await self.monitor.start()
+        await self.predictor.start()
+
+    async def stop(self) -> None:
+        await self.monitor.stop()
+        try:
+            await self.predictor.stop()
+        except Exception:
+            log.exception("predictor stop failed")
+        if self.session is not None:
+            await self.session.close()
+            self.session = None
+
+    def ready(self) -> bool:
+        """At least one replica is healthy."""
+        return any(r.healthy for r in self.replicas.values())
+
+    # -- completions -----------------------------------------------------------------------------
+    async def chat_completions(self, request: web.Request) -> web.StreamResponse:
+        return await self.completion(request, True)
+
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        return await self.completion(request, False)
+
+    async def completion(self, request: web.Request, chat: bool) -> web.StreamResponse:
+        """Handle POST /v1/chat/completions (chat=True) or /v1/completions."""
+        t0 = time.monotonic()
+        raw = await self._read_body(request)
+        if isinstance(raw, web.Response):
+            return raw
+        try:
+            body = orjson.loads(raw)
+        except orjson.JSONDecodeError as e:
+            return self._reject(400, "invalid_json", f"request body is not valid JSON: {e}")
+        if not isinstance(body, dict):
+            return self._reject(400, "invalid_request", "request body must be a JSON object")
+        try:
+            tags, changed = read_tags(request.headers, body, self._tag_len)
+            features = extract_features(body, chat, t0)
+        except (TagError, InvalidRequest) as e:
+            return self._reject(400, "invalid_tag" if isinstance(e, TagError) else "invalid_request", str(e), e.param)
+        try:
+            prediction = self.predictor.predict(tags, features, t0)
+        except Exception:  # the predictor degrades prediction, never a request
+            log.exception("predict failed")
+            prediction = Prediction()
+        ctx = RoutingContext(features, tags, prediction, t0, self.routing_state)
+        decision = route(ctx, self.view, self.policy)
+        if decision.queue:
+            if self.admission is None:
+                return self._reject(
+                    503, "pool_saturated", f"pool '{decision.pool}' is saturated; retry shortly",
+                    retry_after_s=NO_REPLICA_RETRY_AFTER_S, pool=decision.pool,
+                )  # fmt: skip
+            decision = await self.admission(ctx, decision)
+        if decision.error is not None:
+            err = decision.error
+            return self._reject(err.status, err.code, err.message, retry_after_s=err.retry_after_s, pool=decision.pool)
+        if decision.prewarm and self.prewarm is not None:
+            self.prewarm(decision.prewarm)
+        if decision.priority is not None and body.get("priority") != decision.priority:
+            body["priority"] = decision.priority
+            changed = True
+        payload = orjson.dumps(body) if changed else raw
+        return await self._proxy(request, ctx, decision, payload)
+
+    async def _read_body(self, request: web.Request) -> bytes | web.Response:
+        limit = self.settings.body_limit_bytes
+        cl = request.content_length
+        if cl is not None and cl > limit:
+            return self._reject(413, "request_too_large", f"request body is larger than {limit} bytes")
+        try:
+            return await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            return self._reject(413, "request_too_large", f"request body is larger than {limit} bytes")
+
+    def _reject(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        param: str | None = None,
+        retry_after_s: float | None = None,
+        pool: str = "",
+    ) -> web.Response:
+        self.metrics.request_done(pool, "", status)
+        return error_response(status, code, message, param, retry_after_s)
+
+    def _upstream_headers(self, request: web.Request) -> CIMultiDict[str]:
+        h = CIMultiDict(request.headers)
+        for name in _DROP_REQUEST_HEADERS:
+            h.popall(name, None)
+        h["Content-Type"] = "application/json"
+        return h
+
+    async def _open(
+        self, replica: ReplicaState, method: str, url: str, payload: bytes | None, headers: CIMultiDict[str]
+    ) -> aiohttp.ClientResponse | _Attempt:
+        """Send one upstream request and wait for its status line; a failure says whether to retry."""
+        assert self.session is not None
+        try:
+            resp = await self.session.request(method, url, data=payload, headers=headers)
+        except aiohttp.ClientConnectorError as e:
+            refused = isinstance(e.os_error, ConnectionRefusedError)
+            self.monitor.record_failure(replica, refused, "connect")
+            self.metrics.upstream_error(replica.url, "connect")
+            return _Attempt("connect", 502, "upstream_unavailable", f"cannot connect to upstream: {e.strerror}", True)
+        except aiohttp.ConnectionTimeoutError:
+            self.monitor.record_failure(replica, False, "connect timeout")
+            self.metrics.upstream_error(replica.url, "connect_timeout")
+            return _Attempt("connect_timeout", 504, "upstream_timeout", "upstream connect timed out", True)
+        except (TimeoutError, aiohttp.SocketTimeoutError):
+            self.metrics.upstream_error(replica.url, "read_timeout")
+            return _Attempt("read_timeout", 504, "upstream_timeout", "upstream did not answer in time", False)
+        except aiohttp.ClientError as e:  # e.g. a kept-alive connection the upstream had just closed
+            self.monitor.record_failure(replica, False, e.__class__.__name__)
+            self.metrics.upstream_error(replica.url, "disconnect")
+            return _Attempt("disconnect", 502, "upstream_error", f"upstream failed: {e.__class__.__name__}", True)
+        if resp.status >= 500:
+            self.monitor.record_failure(replica, False, f"status {resp.status}")
+            self.metrics.upstream_error(replica.url, f"status_{resp.status}")
+        else:
+            replica.consecutive_failures = 0
+        return resp
+
+    async def _proxy(
+        self, request: web.Request, ctx: RoutingContext, decision: Decision, payload: bytes
+    ) -> web.StreamResponse:
+        """Forward to the chosen replica (retrying elsewhere before the first byte) and relay the answer."""
+        features = ctx.features
+        pred = ctx.prediction
+        headers = self._upstream_headers(request)
+        path = request.raw_path
+        reserve = features.prompt_tokens + (pred.output_tokens_bound or features.max_tokens or 0)
+        span = self._start_span(ctx, decision) if self.tracer is not None else None
+        attempt = 0
+        status = 0
+        replica = self.replicas[decision.replica]
+        try:
+            while True:
+                replica = self.replicas[decision.replica]
+                replica.inflight += 1
+                replica.inflight_prompt_tokens += features.prompt_tokens
+                replica.reserved_kv_tokens += reserve
+                gauge = self.metrics.inflight_gauge(replica.pool, replica.url)
+                gauge.inc()
+                try:
+                    result = await self._open(replica, "POST", replica.url + path, payload, headers)
+                    if isinstance(result, aiohttp.ClientResponse) and (result.status < 500 or attempt >= self._retries):
+                        return_value, status, ttft = await self._relay(request, result, ctx, decision, replica)
+                        break
+                    if isinstance(result, aiohttp.ClientResponse):
+                        result.close()
+                        failure = _Attempt("status", result.status, "upstream_error", "", True)
+                    else:
+                        failure = result
+                finally:
+                    replica.inflight -= 1
+                    replica.inflight_prompt_tokens -= features.prompt_tokens
+                    replica.reserved_kv_tokens -= reserve
+                    gauge.dec()
+                if not failure.retryable or attempt >= self._retries:
+                    status = failure.status
+                    self.metrics.request_done(decision.pool, replica.url, status)
+                    self._finish_span(span, status)
+                    return error_response(failure.status, failure.code, failure.message)
+                attempt += 1
+                self.metrics.retry(decision.pool, failure.kind)
+                ctx.exclude = ctx.exclude | {replica.url}
+                decision = route(ctx, self.view, self.policy)
+                if decision.error is not None or decision.queue:
+                    status = failure.status
+                    self.metrics.request_done(decision.pool, replica.url, status)
+                    self._finish_span(span, status)
+                    return error_response(failure.status, failure.code, failure.message or "upstream failed")
+        except asyncio.CancelledError:
+            # the client went away: the upstream connection was closed by _relay / the finally above
+            self.metrics.request_done(decision.pool, replica.url, 499)
+            self._finish_span(span, 499)
+            raise
+        now = time.monotonic()
+        e2e = now - features.arrival_s
+        self.metrics.request_done(decision.pool, replica.url, status)
+        if ttft >= 0:
+            self.metrics.observe_ttft(decision.pool, ttft)
+        self.metrics.observe_e2e(decision.pool, e2e)
+        self._finish_span(span, status)
+        return return_value
+
+    async def _relay(
+        self,
+        request: web.Request,
+        resp: aiohttp.ClientResponse,
+        ctx: RoutingContext,
+        decision: Decision,
+        replica: ReplicaState,
+    ) -> tuple[web.StreamResponse, int, float]:
+        """Send the upstream answer to the client; returns (response, status for metrics, ttft or -1)."""
+        features = ctx.features
+        headers = CIMultiDict((k, v) for k, v in resp.headers.items() if k.lower() not in _DROP_RESPONSE_HEADERS)
+        if self._routing_headers:
+            headers["x-pythia-pool"] = decision.pool
+            headers["x-pythia-replica"] = replica.url
+        status = resp.status
+        try:
+            if not resp.headers.get("Content-Type", "").startswith("text/event-stream"):
+                try:
+                    data = await resp.read()
+                except (TimeoutError, aiohttp.ClientError) as e:
+                    timeout = isinstance(e, asyncio.TimeoutError)
+                    self.metrics.upstream_error(replica.url, "read_timeout" if timeout else "disconnect")
+                    code, st = ("upstream_timeout", 504) if timeout else ("upstream_error", 502)
+                    return error_response(st, code, f"upstream failed: {e.__class__.__name__}"), st, -1.0
+                ttft = time.monotonic() - features.arrival_s
+                self._observe(ctx, decision, replica, status < 400, find_usage(data) if status < 400 else None, 0, ttft)
+                return web.Response(status=status, body=data, headers=headers), status, ttft
+            out = web.StreamResponse(status=status, headers=headers)
+            await out.prepare(request)
+            ttft = -1.0
+            events = 0
+            prev = last = b""
+            ok = True
+            try:
+                async for chunk in resp.content.iter_any():
+                    if ttft < 0:
+                        ttft = time.monotonic() - features.arrival_s
+                    await out.write(chunk)
+                    events += chunk.count(b"data:")
+                    prev, last = last, chunk
+            except (TimeoutError, aiohttp.ClientError) as e:
+                # upstream broke mid-stream: end the SSE stream cleanly with an error event
+                ok = False
+                kind = "read_timeout" if isinstance(e, asyncio.TimeoutError) else "disconnect"
+                self.metrics.upstream_error(replica.url, kind)
+                tail = last or prev
+                sep = b"" if not tail or tail.endswith(b"\n\n") else (b"\n" if tail.endswith(b"\n") else b"\n\n")
+                with contextlib.suppress(ConnectionError):
+                    await out.write(sep + sse_error_event("upstream_" + kind, "the upstream stream ended early"))
+                status = 502
+            with contextlib.suppress(ConnectionError):
+                await out.write_eof()
+            self._observe(ctx, decision, replica, ok, find_usage(prev + last), max(0, events - 2), ttft)
+            return out, status, ttft
+        finally:
+            resp.close()
+
+    def _observe(
+        self,
+        ctx: RoutingContext,
+        decision: Decision,
+        replica: ReplicaState,
+        ok: bool,
+        usage: dict[str, Any] | None,
+        events_estimate: int,
+        ttft: float,
+    ) -> None:
+        f = ctx.features
+        prompt, output, cached = f.prompt_tokens, events_estimate, 0
+        if usage is not None:
+            prompt = int(usage.get("prompt_tokens") or prompt)
+            output = int(usage.get("completion_tokens") or 0)
+            details = usage.get("prompt_tokens_details")
+            if isinstance(details, dict):
+                cached = int(details.get("cached_tokens") or 0)
+        now = time.monotonic()
+        outcome = Outcome(
+            ok=ok,
+            prompt_tokens=prompt,
+            output_tokens=output,
+            cached_tokens=cached,
+            ttft_s=max(0.0, ttft),
+            e2e_s=now - f.arrival_s,
+            finished_s=now,
+            replica=replica.url,
+            pool=decision.pool,
+        )
+        try:
+            self.predictor.observe(ctx.tags, f, ctx.prediction, outcome)
+        except Exception:
+            log.exception("observe failed")
+
+    # -- tracing ---------------------------------------------------------------------------------
+    def _start_span(self, ctx: RoutingContext, decision: Decision) -> Any:
+        p = ctx.prediction
+        return self.tracer.start_span(
+            "pythia.request",
+            attributes={
+                "pythia.pool": decision.pool,
+                "pythia.replica": decision.replica,
+                "pythia.policy": self.policy.name,
+                "pythia.reason": decision.reason,
+                "pythia.priority": -1 if decision.priority is None else decision.priority,
+                "pythia.app": ctx.tags.app,
+                "pythia.workflow": ctx.tags.workflow or p.workflow,
+                "pythia.agent": ctx.tags.agent or p.role,
+                "pythia.prediction.cold": p.cold,
+                "pythia.prediction.remaining_steps": p.remaining_steps,
+                "pythia.prediction.output_tokens_bound": p.output_tokens_bound,
+                "pythia.prompt_tokens": ctx.features.prompt_tokens,
+                "pythia.stream": ctx.features.stream,
+            },
+        )
+
+    def _finish_span(self, span: Any, status: int) -> None:
+        if span is not None:
+            span.set_attribute("http.response.status_code", status)
+            span.end()
+
+    # -- other endpoints -------------------------------------------------------------------------
+    async def models(self, request: web.Request) -> web.Response:
+        return web.Response(body=self.models_body, content_type="application/json")
+
+    async def passthrough(self, request: web.Request) -> web.StreamResponse:
+        """Any other /v1/* call: forwarded unchanged to a healthy replica serving the body's model."""
+        raw = await self._read_body(request)
+        if isinstance(raw, web.Response):
+            return raw
+        model = ""
+        if raw and request.content_type == "application/json":
+            try:
+                body = orjson.loads(raw)
+            except orjson.JSONDecodeError:
+                body = None
+            if isinstance(body, dict) and isinstance(body.get("model"), str):
+                model = body["model"]
+        pools = [p for p in self.view.pools if p.serves(model)]
+        if not pools:
+            return self._reject(404, "model_not_found", f"The model '{model}' does not exist")
+        headers = self._upstream_headers(request)
+        if request.content_type:
+            headers["Content-Type"] = request.content_type
+        else:
+            headers.popall("Content-Type", None)
+        tried: set[str] = set()
+        for _ in range(self._retries + 1):
+            candidates = [r for p in pools for r in p.replicas if r.healthy and r.url not in tried]
+            if not candidates:
+                break
+            n = self.routing_state.round_robin.get("passthrough", 0)
+            self.routing_state.round_robin["passthrough"] = n + 1
+            replica = candidates[n % len(candidates)]
+            tried.add(replica.url)
+            result = await self._open(replica, request.method, replica.url + request.raw_path, raw or None, headers)
+            if isinstance(result, _Attempt):
+                if result.retryable:
+                    continue
+                return self._reject(result.status, result.code, result.message, pool=replica.pool)
+            try:
+                headers_out = CIMultiDict(
+                    (k, v) for k, v in result.headers.items() if k.lower() not in _DROP_RESPONSE_HEADERS
+                )
+                out = web.StreamResponse(status=result.status, headers=headers_out)
+                await out.prepare(request)
+                try:
+                    async for chunk in result.content.iter_any():
+                        await out.write(chunk)
+                except (TimeoutError, aiohttp.ClientError):
+                    self.metrics.upstream_error(replica.url, "disconnect")
+                await out.write_eof()
+                self.metrics.request_done(replica.pool, replica.url, result.status)
+                return out
+            finally:
+                result.close()
+        return self._reject(
+            503, "no_healthy_replica", "No healthy replica can take the request; retry shortly",
+            retry_after_s=NO_REPLICA_RETRY_AFTER_S,
+        )  # fmt: skip

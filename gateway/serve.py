@@ -1,0 +1,170 @@
+"""`pythia serve`: N worker processes sharing one port (SO_REUSEPORT), each with its own uvloop loop.
+
+The parent only supervises: it forwards SIGTERM/SIGINT to the workers (which stop
+accepting, finish in-flight streams within the grace period and exit), restarts a
+worker that died unexpectedly, and cleans the shared metrics directory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import multiprocessing as mp
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from multiprocessing.connection import wait as wait_sentinels
+from multiprocessing.process import BaseProcess
+
+from pydantic import ValidationError
+
+from gateway.logs import setup_logging
+from gateway.settings import ConfigError, Settings, load_pools, parse_settings
+from pools.types import PoolConfig
+
+log = logging.getLogger("pythia.serve")
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+
+async def serve_worker(settings: Settings, pools: list[PoolConfig]) -> None:
+    """Run one worker's server until SIGTERM/SIGINT, then shut down gracefully."""
+    from aiohttp import web
+
+    from gateway.app import build_app
+
+    app = build_app(settings, pools)
+    runner = web.AppRunner(
+        app,
+        handle_signals=False,
+        access_log=None,
+        handler_cancellation=True,  # a client that disconnects cancels its upstream request
+        shutdown_timeout=settings.shutdown_grace_s,
+    )
+    await runner.setup()
+    site = web.TCPSite(runner, settings.host, settings.port, reuse_port=True, backlog=4096)
+    await site.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    addrs = [f"{a[0]}:{a[1]}" for a in runner.addresses]
+    log.info("listening", extra={"addresses": addrs, "policy": settings.policy, "pools": [p.name for p in pools]})
+    await stop.wait()
+    log.info("shutting down", extra={"grace_s": settings.shutdown_grace_s})
+    await runner.cleanup()  # stop accepting, wait for in-flight handlers up to the grace period
+
+
+def _run_worker(settings: Settings, pools: list[PoolConfig]) -> None:
+    import uvloop
+
+    setup_logging(settings.log_level, settings.log_json)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides; SIGTERM is handled in the loop
+    uvloop.run(serve_worker(settings, pools))
+
+
+def _setup_metrics_dir(settings: Settings) -> str | None:
+    """Point prometheus_client at a shared directory; returns a temp dir we must remove later."""
+    if settings.metrics_dir:
+        os.makedirs(settings.metrics_dir, exist_ok=True)
+        for name in os.listdir(settings.metrics_dir):
+            if name.endswith(".db"):
+                os.unlink(os.path.join(settings.metrics_dir, name))
+        os.environ[MULTIPROC_ENV] = settings.metrics_dir
+        return None
+    if os.environ.get(MULTIPROC_ENV):
+        return None
+    path = tempfile.mkdtemp(prefix="pythia-metrics-")
+    os.environ[MULTIPROC_ENV] = path
+    return path
+
+
+def _supervise(settings: Settings, pools: list[PoolConfig]) -> int:
+    ctx = mp.get_context("fork")
+    procs: dict[int, BaseProcess] = {}
+    stopping = False
+    restarts: list[float] = []
+
+    def spawn(slot: int) -> None:
+        p = ctx.Process(target=_run_worker, args=(settings, pools), name=f"pythia-worker-{slot}", daemon=False)
+        p.start()
+        procs[slot] = p
+
+    def on_signal(signum: int, frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+        for p in procs.values():
+            if p.pid is not None and p.is_alive():
+                os.kill(p.pid, signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    for slot in range(settings.workers):
+        spawn(slot)
+    log.info("started workers", extra={"workers": settings.workers, "port": settings.port})
+    deadline: float | None = None
+    while procs:
+        wait_sentinels([p.sentinel for p in procs.values()], timeout=0.5)
+        if stopping and deadline is None:
+            deadline = time.monotonic() + settings.shutdown_grace_s + 5.0
+        for slot, p in list(procs.items()):
+            if p.is_alive():
+                continue
+            p.join()
+            from gateway.metrics import mark_process_dead
+
+            if p.pid is not None:
+                mark_process_dead(p.pid)
+            del procs[slot]
+            if stopping:
+                continue
+            log.error("worker exited unexpectedly", extra={"pid": p.pid, "exitcode": p.exitcode})
+            now = time.monotonic()
+            restarts[:] = [t for t in restarts if now - t < 60.0] + [now]
+            if len(restarts) > 5 * settings.workers:
+                log.error("workers keep dying; giving up")
+                on_signal(signal.SIGTERM, None)
+                continue
+            spawn(slot)
+        if deadline is not None and time.monotonic() > deadline:
+            for p in procs.values():
+                if p.pid is not None and p.is_alive():
+                    os.kill(p.pid, signal.SIGKILL)
+    return 0
+
+
+def main(argv: list[str]) -> int:
+    """Entry point of `pythia serve`; returns the process exit status."""
+    try:
+        settings = parse_settings(argv)
+        pools = load_pools(settings.pools)
+        from pools.routing import make_policy
+
+        make_policy(settings.policy)
+    except ValidationError as e:
+        print(f"pythia serve: invalid setting: {e}", file=sys.stderr)
+        return 2
+    except (ConfigError, KeyError) as e:
+        print(f"pythia serve: {e.args[0] if e.args else e}", file=sys.stderr)
+        return 2
+    if settings.workers > 1 and settings.port == 0:
+        print("pythia serve: --port 0 needs --workers 1 (workers must share one known port)", file=sys.stderr)
+        return 2
+    setup_logging(settings.log_level, settings.log_json)
+    if settings.workers == 1:
+        if settings.metrics_dir:
+            _setup_metrics_dir(settings)
+        import uvloop
+
+        from gateway.app import build_app  # noqa: F401  (import errors surface before the loop starts)
+
+        uvloop.run(serve_worker(settings, pools))
+        return 0
+    tmp = _setup_metrics_dir(settings)
+    try:
+        return _supervise(settings, pools)
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,149 @@
+"""Gateway configuration: `PYTHIA_*` environment variables, each also a `pythia serve --flag`.
+
+Flags are generated from the model fields, so a new setting is one field here plus
+one line in `.env.example` and the README table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from pools.types import PoolConfig
+
+
+class Settings(BaseSettings):
+    """Everything `pythia serve` reads; env `PYTHIA_<NAME>` or `--<name-with-dashes>`."""
+
+    model_config = SettingsConfigDict(env_prefix="PYTHIA_", extra="ignore")
+
+    host: str = Field("0.0.0.0", description="address to listen on")
+    port: int = Field(8000, ge=0, le=65535, description="port to listen on (shared by all workers)")
+    workers: int = Field(1, ge=1, le=256, description="worker processes sharing the port (SO_REUSEPORT)")
+    pools: str = Field("", description="pools as JSON, or a path to a YAML/JSON file (see DESIGN.md)")
+    policy: str = Field("round_robin", description="routing policy name (pools.routing.POLICIES)")
+    redis_url: str = Field("", description="predictor store; empty = embedded in-memory store")
+    redis_key_prefix: str = Field("pythia:", description="prefix of every predictor key in Redis")
+    connect_timeout_s: float = Field(2.0, gt=0, description="upstream TCP connect timeout")
+    read_timeout_s: float = Field(600.0, gt=0, description="upstream read timeout (max silence between bytes)")
+    body_limit_bytes: int = Field(16 * 1024 * 1024, gt=0, description="largest request body accepted (else 413)")
+    retries: int = Field(1, ge=0, le=5, description="retries on another replica after connect failure or 5xx")
+    health_interval_s: float = Field(0.5, gt=0, description="active /health check period per replica")
+    health_timeout_s: float = Field(1.0, gt=0, description="timeout of one /health check")
+    unhealthy_after: int = Field(2, ge=1, description="consecutive failed checks/calls that mark a replica down")
+    metrics_scrape_interval_s: float = Field(1.0, gt=0, description="period of scraping each replica's /metrics")
+    upstream_keepalive_s: float = Field(60.0, gt=0, description="idle upstream keep-alive connection lifetime")
+    upstream_max_connections: int = Field(0, ge=0, description="open connections per replica; 0 = unlimited")
+    shutdown_grace_s: float = Field(30.0, ge=0, description="on SIGTERM, time given to in-flight requests")
+    max_tag_length: int = Field(128, ge=1, le=1024, description="longest accepted app/workflow/agent/session tag")
+    routing_headers: bool = Field(False, description="add x-pythia-pool / x-pythia-replica to responses")
+    log_level: str = Field("INFO", description="DEBUG, INFO, WARNING or ERROR")
+    log_json: bool = Field(True, description="structured JSON log lines (false = plain text)")
+    otel_endpoint: str = Field("", description="OTLP/HTTP traces endpoint; empty = tracing off")
+    otel_service_name: str = Field("pythia-gateway", description="service.name of exported spans")
+    metrics_dir: str = Field("", description="prometheus multiprocess dir; empty = a fresh temp dir")
+
+    @field_validator("log_level")
+    @classmethod
+    def _level(cls, v: str) -> str:
+        v = v.upper()
+        if v not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+            raise ValueError("log level must be DEBUG, INFO, WARNING, ERROR or CRITICAL")
+        return v
+
+
+class PoolSpec(BaseModel):
+    """One pool as written in PYTHIA_POOLS."""
+
+    name: str = Field(min_length=1)
+    max_context_tokens: int = Field(gt=0)
+    models: list[str] = Field(min_length=1)
+    replicas: list[str] = Field(min_length=1)
+
+    @field_validator("replicas")
+    @classmethod
+    def _urls(cls, urls: list[str]) -> list[str]:
+        out = []
+        for u in urls:
+            if not u.startswith(("http://", "https://")):
+                raise ValueError(f"replica URL must start with http:// or https://: {u!r}")
+            out.append(u.rstrip("/"))
+        return out
+
+
+class ConfigError(ValueError):
+    """The configuration cannot be used; the message says why."""
+
+
+def load_pools(spec: str) -> list[PoolConfig]:
+    """Pools from JSON text or from a YAML/JSON file path; a list, or {"pools": [...]}."""
+    text = spec.strip()
+    if not text:
+        raise ConfigError("no pools configured: set PYTHIA_POOLS (JSON or a path to a YAML/JSON file)")
+    data: Any
+    if text[0] in "[{":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"PYTHIA_POOLS is not valid JSON: {e}") from None
+    else:
+        path = Path(text)
+        if not path.is_file():
+            raise ConfigError(f"PYTHIA_POOLS file not found: {text}")
+        raw = path.read_text()
+        try:
+            data = yaml.safe_load(raw) if path.suffix in (".yaml", ".yml") else json.loads(raw)
+        except (yaml.YAMLError, json.JSONDecodeError) as e:
+            raise ConfigError(f"cannot parse {text}: {e}") from None
+    if isinstance(data, dict):
+        data = data.get("pools")
+    if not isinstance(data, list) or not data:
+        raise ConfigError("pools must be a non-empty list (or an object with a 'pools' list)")
+    try:
+        specs = [PoolSpec.model_validate(p) for p in data]
+    except ValidationError as e:
+        raise ConfigError(f"invalid pool: {e}") from None
+    seen_names: set[str] = set()
+    seen_urls: set[str] = set()
+    for s in specs:
+        if s.name in seen_names:
+            raise ConfigError(f"duplicate pool name {s.name!r}")
+        seen_names.add(s.name)
+        for u in s.replicas:
+            if u in seen_urls:
+                raise ConfigError(f"replica {u} is listed twice; each replica belongs to one pool")
+            seen_urls.add(u)
+    return [PoolConfig(s.name, s.max_context_tokens, tuple(s.models), tuple(s.replicas)) for s in specs]
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """`pythia serve` flags, one per Settings field; unset flags fall back to env, then defaults."""
+    p = argparse.ArgumentParser(
+        prog="pythia serve",
+        description="Run the Pythia gateway. Every flag is also an environment variable PYTHIA_<NAME>.",
+        argument_default=argparse.SUPPRESS,
+    )
+    for name, field in Settings.model_fields.items():
+        help_text = f"{field.description} (env PYTHIA_{name.upper()}, default {field.default!r})"
+        if field.annotation is bool:
+            p.add_argument(_flag(name), dest=name, action=argparse.BooleanOptionalAction, help=help_text)
+        else:
+            typ: type = int if field.annotation is int else float if field.annotation is float else str
+            p.add_argument(_flag(name), dest=name, type=typ, metavar=name.upper(), help=help_text)
+    return p
+
+
+def parse_settings(argv: list[str]) -> Settings:
+    """Settings from flags (highest precedence), then PYTHIA_* env, then defaults."""
+    args = vars(build_parser().parse_args(argv))
+    return Settings(**args)
