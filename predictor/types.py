@@ -37,6 +37,9 @@ class RequestFeatures:
     system_prompt: str = ""
     priority: int | None = None  # vLLM `priority` field if the client set one
     arrival_s: float = 0.0  # when the gateway received it (monotonic seconds)
+    # the chat messages as parsed (optional, by reference, not copied): lets the predictor give the
+    # next call's predicted prefix as messages (Prediction.next_prefix_messages) for pre-warm
+    messages: tuple[dict[str, str], ...] = ()
 
     @property
     def total_tokens_requested(self) -> int:

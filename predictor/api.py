@@ -1,0 +1,601 @@
+"""The predictor the gateway calls on every request: `predict` before routing, `observe` after the response.
+
+Both are synchronous, in-process and never raise: a bad input or an internal error gives a
+reactive (cold) prediction and is counted. Learning goes into the in-process model at once and
+into the store (Redis) through a queue that a background task flushes.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from predictor.live import LiveTable, LiveWorkflow, StepRec
+from predictor.model import END, K_MAX, AppModel, clean_role
+from predictor.settings import PredictorSettings, build_settings
+from predictor.sketch import bucket_of
+from predictor.store import MemoryStore, Store
+from predictor.types import NextRole, Outcome, Prediction, RequestFeatures, Tags
+
+log = logging.getLogger("pythia.predictor")
+
+DEFAULT_APP = "default"  # app of calls that carry no app tag and no known system prompt
+NO_SYSTEM_ROLE = "nosys"  # role of untagged calls without a system prompt
+SYSTEM_BLOCK_OVERHEAD = 10  # characters `flatten_messages` puts before the system prompt ("<|system|>")
+BLOCK_CHARS = 256  # pools.prefix_hash.DEFAULT_BLOCK_CHARS (predictor does not import pools)
+
+
+@dataclass(slots=True)
+class StateView:
+    """Predictions for one (role, k) state, cached until the model has moved on."""
+
+    version: int
+    support: float
+    next_roles: tuple[NextRole, ...]
+    top: str  # most likely next role, or END
+    remaining_mean: float
+    remaining_bound: int
+    remaining_out_mean: float
+    remaining_out_bound: int
+    growth_bound: int
+    remaining_support: float
+
+
+@dataclass(slots=True)
+class RoleView:
+    """Per-role predictions, cached like StateView."""
+
+    version: int
+    calls: float
+    out_mean: float
+    out_bound: int
+    fanout_mean: float
+    fanout_dist: tuple[tuple[int, float], ...]
+    fp_share: float
+
+
+class Predictor:
+    """Learns every app's workflow automaton online and predicts what each live workflow does next."""
+
+    def __init__(self, store: Store | None = None, settings: PredictorSettings | None = None) -> None:
+        self.settings = settings or PredictorSettings()
+        self.store: Store = store or MemoryStore()
+        self._share_live = bool(getattr(self.store, "shares_live", False))
+        self.models: dict[str, AppModel] = {}
+        self.live = LiveTable(self.settings.max_live_workflows)
+        self.fp_index: dict[str, tuple[str, str]] = {}  # system fingerprint -> (app, role) that used it most
+        self._state_views: dict[tuple[str, str, int], StateView] = {}
+        self._role_views: dict[tuple[str, str], RoleView] = {}
+        self._seq = 0
+        self.counters: dict[str, int] = {"predict": 0, "observe": 0, "errors": 0, "linked_prefix": 0,
+                                         "linked_automaton": 0, "new_untagged": 0, "finished": 0}
+        self._last_error_log = 0.0
+
+    # ------------------------------------------------------------------ public API
+
+    def predict(self, tags: Tags, features: RequestFeatures, now: float) -> Prediction:
+        """What this call and the rest of its workflow will do. Never raises, never waits."""
+        try:
+            self.counters["predict"] += 1
+            return self._predict(tags, features, now)
+        except Exception:
+            self._error("predict")
+            return _reactive(features)
+
+    def observe(self, tags: Tags, features: RequestFeatures, prediction: Prediction, outcome: Outcome) -> None:
+        """Learn from a finished call. Never raises, never waits."""
+        try:
+            self.counters["observe"] += 1
+            self._observe(tags, features, prediction, outcome)
+        except Exception:
+            self._error("observe")
+
+    async def start(self) -> None:
+        """Start the store's background work (flush and snapshot refresh for Redis)."""
+        await self.store.start(self)
+
+    async def stop(self) -> None:
+        """Flush what is queued and stop background work."""
+        await self.store.stop()
+
+    def apps(self) -> list[str]:
+        """Apps with a learned model."""
+        return sorted(self.models)
+
+    def model_json(self, app: str) -> dict[str, Any]:
+        """The learned model of `app` as JSON (empty model when unknown)."""
+        model = self.models.get(app) or AppModel(app)
+        out = model.to_json(self.settings.prune_share, self.settings.bound_quantile)
+        out["cold"] = self._cold(model)
+        out["live_workflows"] = sum(1 for (a, _w) in self.live.flows if a == app)
+        return out
+
+    def stats(self) -> dict[str, float]:
+        """Counters of the predictor and its store (for /metrics)."""
+        out: dict[str, float] = {f"predictor_{k}": float(v) for k, v in self.counters.items()}
+        out["predictor_live_workflows"] = float(len(self.live.flows))
+        out.update(self.store.stats())
+        return out
+
+    def end_workflows(self, now: float) -> int:
+        """End every workflow idle for `workflow_idle_s` at time `now` (normally done as calls arrive)."""
+        n = 0
+        while True:
+            done = self.live.expired(now, self.settings.workflow_idle_s, limit=1000)
+            for wf in done:
+                self._finish(wf)
+            n += len(done)
+            if not done:
+                return n
+
+    # ------------------------------------------------------------------ store callbacks
+
+    def load_snapshot(self, app: str, counts: Mapping[str, float], texts: Mapping[str, str],
+                      pending: Mapping[str, float]) -> None:
+        """Replace an app's model by the shared counters plus this process's unflushed ones."""
+        model = AppModel(app)
+        for key, value in counts.items():
+            model.apply(key, value)
+        for key, value in pending.items():
+            model.apply(key, value)
+        model.texts.update(texts)
+        old = self.models.get(app)
+        if old is not None:
+            for role, text in old.texts.items():
+                model.texts.setdefault(role, text)
+            model.version = old.version + 1_000_000  # every cached view of this app is now stale
+        self.models[app] = model
+        for fp, roles in model.fp_roles.items():
+            self._index_fingerprint(app, fp, roles)
+
+    def merge_live(self, app: str, wid: str, state: Mapping[str, Any]) -> None:
+        """Adopt another process's earlier steps of a workflow this process has just started seeing."""
+        wf = self.live.get(app, wid)
+        remote = state.get("steps") or []
+        # only a workflow met here for the first time (one local step) adopts remote history, once
+        if wf is None or wf.merged or not remote or len(wf.steps) != 1:
+            return
+        steps = [StepRec(role=str(s[0]), k=int(s[1]), started=float(s[2]), width=int(s[3]), observed=int(s[3]),
+                         out_tokens=int(s[4]), prompt_tokens=int(s[5]), max_context=int(s[6])) for s in remote]
+        remote_calls = [i for i, st in enumerate(steps) for _ in range(st.width)]
+        visits: dict[str, int] = {}
+        for st in steps:
+            visits[st.role] = max(visits.get(st.role, 0), st.k)
+        local, last = wf.steps[0], steps[-1]
+        if last.role == local.role and abs(local.started - last.started) <= self.settings.fanout_window_s:
+            last.width += local.width  # a sibling of the remote step's fan-out
+            last.observed += local.observed
+            local_index = len(steps) - 1
+        else:
+            local.k = min(visits.get(local.role, 0) + 1, K_MAX)
+            visits[local.role] = local.k
+            steps.append(local)
+            local_index = len(steps) - 1
+        wf.call_steps = remote_calls + [local_index] * len(wf.call_steps)
+        wf.call_offset = len(remote_calls)
+        wf.steps = steps
+        wf.visits = visits
+        wf.merged = True
+        wf.last_context = max(wf.last_context, int(state.get("last_context", 0)))
+        wf.peak_context = max(wf.peak_context, int(state.get("peak_context", 0)))
+        wf.out_tokens += int(state.get("out_tokens", 0))
+
+    # ------------------------------------------------------------------ prediction
+
+    def _predict(self, tags: Tags, f: RequestFeatures, now: float) -> Prediction:
+        s = self.settings
+        for wf_done in self.live.expired(now, s.workflow_idle_s):
+            self._finish(wf_done)
+        app, role, role_inferred = self._resolve_role(tags, f)
+        model = self.models.get(app)
+        if model is None:
+            model = self.models[app] = AppModel(app)
+        if tags.workflow:
+            wid, linked, joined = tags.workflow, False, False
+        elif tags.session:
+            wid, linked, joined = "session:" + tags.session, False, False
+        else:
+            wid, joined = self._link(app, role, f, now, model)
+            linked = True
+        wf = self.live.get(app, wid)
+        if wf is None:
+            wf = LiveWorkflow(app=app, wid=wid, created=now, last_seen=now)
+            self.live.add(wf)
+            if not linked:
+                self.store.want_live(app, wid)  # another gateway process may have seen its earlier steps
+        # one step = the parallel calls of one role; a same-role call while the step is running joins it
+        cur = wf.steps[-1] if wf.steps else None
+        if cur is not None and self._is_sibling(wf, cur, role, f, now):
+            cur.width += 1
+            step = cur
+        else:
+            k = min(wf.visits.get(role, 0) + 1, K_MAX)
+            wf.visits[role] = k
+            step = StepRec(role=role, k=k, started=now, width=1, prompt_tokens=f.prompt_tokens,
+                           hashes=f.prefix_hashes)
+            wf.steps.append(step)
+        call_index = wf.calls
+        wf.call_steps.append(len(wf.steps) - 1)
+        wf.in_flight += 1
+        self.live.touch(wf, now)
+        if f.prefix_hashes:
+            self.live.set_prompt(wf, f.prefix_hashes, _system_blocks(f))
+        if f.messages:
+            wf.last_messages = f.messages
+        wf.peak_context = max(wf.peak_context, f.prompt_tokens)
+        pred = self._from_model(model, wf, step, role, f)
+        pred.role = role
+        pred.role_inferred = role_inferred
+        pred.workflow = wid
+        pred.workflow_linked = linked
+        pred.step = call_index
+        pred.extra["linked_existing"] = 1.0 if joined else 0.0
+        pred.extra["merged"] = 1.0 if wf.merged else 0.0  # observe() renumbers calls predicted before a merge
+        return pred
+
+    def _from_model(self, model: AppModel, wf: LiveWorkflow, step: StepRec, role: str,
+                    f: RequestFeatures) -> Prediction:
+        s = self.settings
+        cap = f.max_tokens
+        if self._cold(model):
+            p = _reactive(f)
+            rv = self._role_view(model, role)
+            if rv.calls >= s.min_state_count:  # lengths of a known role are worth having even when cold
+                p.output_tokens_expected = _cap(rv.out_mean, cap)
+                p.output_tokens_bound = int(_cap(rv.out_bound, cap))
+            return p
+        rv = self._role_view(model, role)
+        sv = self._state_view(model, role, step.k)
+        out_mean = _cap(rv.out_mean, cap) if rv.calls > 0 else float(cap or 0)
+        out_bound = int(_cap(rv.out_bound, cap)) if rv.calls > 0 else int(cap or 0)
+        # calls of this step still to come (fan-out siblings not launched yet)
+        siblings = max(0.0, rv.fanout_mean - step.width)
+        rem = siblings + sv.remaining_mean
+        rem_bound = math.ceil(siblings) + sv.remaining_bound
+        rem_out = siblings * out_mean + sv.remaining_out_mean
+        peak = max(wf.peak_context, f.prompt_tokens + max(out_bound, sv.growth_bound))
+        next_roles = tuple(NextRole(n.role, n.probability, self._role_view(model, n.role).fanout_mean)
+                           for n in sv.next_roles)
+        prefix: tuple[dict[str, str], ...] = ()
+        prefix_conf = 0.0
+        if next_roles:
+            top = next_roles[0]
+            text = model.texts.get(top.role, "")
+            carry = model.role(role).carry(top.role)
+            if text:
+                prefix = ({"role": "system", "content": text},)
+                prefix_conf = top.probability * self._role_view(model, top.role).fp_share
+            if carry >= 0.5 and wf.last_messages:
+                body = tuple(m for m in wf.last_messages if m.get("role") not in ("system", "developer"))
+                prefix = prefix + body if text else tuple(wf.last_messages)
+                prefix_conf = top.probability * carry * (self._role_view(model, top.role).fp_share if text else 1.0)
+        support = min(1.0, sv.support / (4 * s.min_state_count))
+        return Prediction(
+            cold=False,
+            output_tokens_expected=out_mean,
+            output_tokens_bound=out_bound,
+            next_roles=next_roles,
+            remaining_steps=rem,
+            remaining_steps_bound=rem_bound,
+            remaining_output_tokens=rem_out,
+            peak_context_tokens=int(peak),
+            next_prefix_messages=prefix,
+            next_prefix_confidence=round(prefix_conf, 4),
+            confidence=round(support * (next_roles[0].probability if next_roles else 1.0), 4),
+        )
+
+    def _cold(self, model: AppModel) -> bool:
+        return model.workflows_finished < self.settings.min_workflows
+
+    def _role_view(self, model: AppModel, role: str) -> RoleView:
+        key = (model.app, role)
+        v = self._role_views.get(key)
+        if v is not None and (v.version == model.version or (
+                model.version - v.version < self.settings.view_refresh_updates and v.calls >= 32)):
+            return v
+        r = model.roles.get(role)
+        if r is None:
+            v = RoleView(model.version, 0.0, 0.0, 0, 1.0, (), 0.0)
+        else:
+            fps = r.fingerprints
+            fp_total = sum(fps.values())
+            n = sum(r.fanout.values())
+            dist = tuple(sorted((w, c / n) for w, c in r.fanout.items())) if n > 0 else ()
+            v = RoleView(model.version, r.calls, r.output.mean, r.output.quantile(self.settings.bound_quantile),
+                         r.fanout_mean(), dist, max(fps.values()) / fp_total if fp_total > 0 else 0.0)
+        self._role_views[key] = v
+        return v
+
+    def _state_view(self, model: AppModel, role: str, k: int) -> StateView:
+        key = (model.app, role, k)
+        v = self._state_views.get(key)
+        if v is not None and (v.version == model.version or (
+                model.version - v.version < self.settings.view_refresh_updates and v.support >= 32)):
+            return v
+        v = self._compute_state_view(model, role, k)
+        self._state_views[key] = v
+        return v
+
+    def _compute_state_view(self, model: AppModel, role: str, k: int) -> StateView:
+        s = self.settings
+        q = s.bound_quantile
+        st = model.states.get((role, k))
+        trans: dict[str, float] = dict(st.trans) if st is not None else {}
+        support = sum(trans.values())
+        if support < s.min_state_count:  # back off to the role, whatever its loop count
+            trans = dict(model.role_trans.get(role, {}))
+            support = sum(trans.values())
+        kept = {n: c for n, c in trans.items() if support > 0 and c / support >= s.prune_share}
+        kept_total = sum(kept.values())
+        ordered = sorted(kept.items(), key=lambda kv: -kv[1])
+        next_roles = tuple(NextRole(n, c / kept_total) for n, c in ordered if n != END) if kept_total else ()
+        top = ordered[0][0] if ordered else ""
+        # remaining work after this step: from this state, else the role summed over k, else the app
+        rem_sk = st.remaining if st is not None else None
+        if rem_sk is None or rem_sk.total < s.min_state_count:
+            rem_sk = _sum_sketches([x.remaining for (r, _k), x in model.states.items() if r == role])
+        out_sk = st.remaining_out if st is not None and st.remaining_out.total >= s.min_state_count else \
+            _sum_sketches([x.remaining_out for (r, _k), x in model.states.items() if r == role])
+        gr_sk = st.growth if st is not None and st.growth.total >= s.min_state_count else \
+            _sum_sketches([x.growth for (r, _k), x in model.states.items() if r == role])
+        if rem_sk.total > 0:
+            rem_mean, rem_bound = rem_sk.mean, rem_sk.quantile(q)
+        else:
+            rem_mean, rem_bound = max(0.0, model.lengths.mean - 1.0), model.lengths.quantile(q)
+        return StateView(model.version, support, next_roles, top, rem_mean, rem_bound,
+                         out_sk.mean, out_sk.quantile(q), gr_sk.quantile(q), rem_sk.total)
+
+    # ------------------------------------------------------------------ untagged traffic
+
+    def _resolve_role(self, tags: Tags, f: RequestFeatures) -> tuple[str, str, bool]:
+        app = tags.app
+        fp = f.system_fingerprint
+        if not app and fp:
+            hit = self.fp_index.get(fp)
+            if hit is not None:
+                app = hit[0]
+        app = app or DEFAULT_APP
+        if tags.agent:
+            return app, clean_role(tags.agent), False
+        role = ""
+        if fp:
+            model = self.models.get(app)
+            if model is not None:
+                role = model.role_for_fingerprint(fp)
+        if not role:
+            role = ("sys-" + fp[:8]) if fp else NO_SYSTEM_ROLE
+        return app, role, True
+
+    def _link(self, app: str, role: str, f: RequestFeatures, now: float, model: AppModel) -> tuple[str, bool]:
+        """The live workflow an untagged call belongs to: (id, True), or a new id and False."""
+        s = self.settings
+        # a prompt that shares more than the role's system prompt with a live workflow's latest prompt
+        # (it continues it, or repeats the task text of a running fan-out) belongs to that workflow
+        wid, _blocks = self.live.longest_prefix(app, f.prefix_hashes, _system_blocks(f) + 2)
+        if wid and self.live.get(app, wid) is not None:
+            self.counters["linked_prefix"] += 1
+            return wid, True
+        # no prompt continues: the workflow whose automaton expects this role now, most recent first
+        best: LiveWorkflow | None = None
+        best_score = s.link_min_prob
+        start_p = 0.0
+        r = model.roles.get(role)
+        started = model.workflows_started
+        if r is not None and started > 0:
+            start_p = r.starts / started
+        for wf in self.live.recent(app, s.link_scan):
+            if not wf.steps:
+                continue
+            cur = wf.steps[-1]
+            if self._is_sibling(wf, cur, role, f, now):
+                score = self._p_wider(model, role, cur.width)  # a sibling of a running fan-out
+            elif cur.observed < cur.width:
+                continue  # its step is still running: its next step has not started
+            else:
+                score = self._p_next(model, cur.role, cur.k, role)
+            if score > best_score:
+                best, best_score = wf, score
+        if best is not None and best_score >= start_p * 0.5:
+            self.counters["linked_automaton"] += 1
+            return best.wid, True
+        self._seq += 1
+        self.counters["new_untagged"] += 1
+        return f"{app}~{self._seq}", False
+
+    def _is_sibling(self, wf: LiveWorkflow, cur: StepRec, role: str, f: RequestFeatures, now: float) -> bool:
+        """Whether a call of `role` joins the workflow's running step `cur` as one more parallel call."""
+        if cur.role != role:
+            return False
+        if f.prefix_hashes and cur.hashes:
+            last = wf.last_hashes
+            if last and len(f.prefix_hashes) > len(last) and _common_prefix(f.prefix_hashes, last) >= len(last):
+                return False  # it continues the latest prompt: the next turn of a loop, not a sibling
+            if _common_prefix(f.prefix_hashes, cur.hashes) >= _system_blocks(f) + 2:
+                return now - cur.started <= self.settings.sibling_window_s  # same task context: a fan-out
+        return cur.observed < cur.width or now - cur.started <= self.settings.fanout_window_s
+
+    def _p_next(self, model: AppModel, role: str, k: int, nxt: str) -> float:
+        for n in self._state_view(model, role, k).next_roles:
+            if n.role == nxt:
+                return n.probability
+        return 0.0
+
+    def _p_wider(self, model: AppModel, role: str, width: int) -> float:
+        dist = self._role_view(model, role).fanout_dist
+        if not dist:
+            return 0.5
+        return sum(p for w, p in dist if w > width)
+
+    def _index_fingerprint(self, app: str, fp: str, roles: Mapping[str, float]) -> None:
+        best = max(roles.values()) if roles else 0.0
+        cur = self.fp_index.get(fp)
+        if cur is None or cur[0] == app or best > self.models[cur[0]].fp_roles.get(fp, {}).get(cur[1], 0.0):
+            self.fp_index[fp] = (app, max(roles.items(), key=lambda kv: kv[1])[0])
+
+    # ------------------------------------------------------------------ learning
+
+    def _learn(self, model: AppModel, key: str, delta: float = 1.0) -> None:
+        model.apply(key, delta)
+        self.store.record(model.app, key, delta)
+
+    def _observe(self, tags: Tags, f: RequestFeatures, pred: Prediction, out: Outcome) -> None:
+        app = tags.app
+        if not app:
+            app, _, _ = self._resolve_role(tags, f)
+        role = pred.role or self._resolve_role(tags, f)[1]
+        model = self.models.get(app)
+        if model is None:
+            model = self.models[app] = AppModel(app)
+        outp = max(0, int(out.output_tokens))
+        prompt = max(0, int(out.prompt_tokens or f.prompt_tokens))
+        wf = self.live.get(app, pred.workflow) if pred.workflow else None
+        if wf is None or not wf.steps:
+            self._learn_call(model, role, f, prompt, outp)  # its workflow is gone: only the role's lengths
+            return
+        idx = pred.step
+        if wf.merged and pred.extra.get("merged", 0.0) == 0.0:
+            idx += wf.call_offset
+        si = wf.call_steps[idx] if 0 <= idx < len(wf.call_steps) else len(wf.steps) - 1
+        step = wf.steps[si]
+        if step.observed == 0:  # the step's first outcome: it records the transition into the step
+            if si == 0:
+                self._learn(model, f"S|{step.role}")
+            else:
+                prev = wf.steps[si - 1]
+                self._learn(model, f"T|{prev.role}|{prev.k}|{step.role}")
+                if prev.hashes and step.hashes:
+                    kept = _common_prefix(prev.hashes, step.hashes) / len(prev.hashes)
+                    self._learn(model, f"CR|{prev.role}|{step.role}", kept)
+                    self._learn(model, f"CN|{prev.role}|{step.role}")
+        self._learn_call(model, step.role, f, prompt, outp)
+        if wf.last_context > 0:
+            self._learn(model, f"X|{step.role}", min(prompt / wf.last_context, 4.0))
+            self._learn(model, f"XN|{step.role}")
+        step.observed += 1
+        step.out_tokens += outp
+        step.max_context = max(step.max_context, prompt + outp)
+        wf.out_tokens += outp
+        wf.in_flight = max(0, wf.in_flight - 1)
+        wf.last_context = prompt + outp
+        wf.peak_context = max(wf.peak_context, prompt + outp)
+        if out.finished_s > 0:
+            self.live.touch(wf, out.finished_s)
+        if self._share_live:
+            self.store.record_live(app, wf.wid, _live_state(wf))
+
+    def _learn_call(self, model: AppModel, role: str, f: RequestFeatures, prompt: int, outp: int) -> None:
+        self._learn(model, f"C|{role}")
+        self._learn(model, f"O|{role}|{bucket_of(outp)}")
+        self._learn(model, f"OS|{role}", outp)
+        self._learn(model, f"P|{role}|{bucket_of(prompt)}")
+        self._learn(model, f"PS|{role}", prompt)
+        fp = f.system_fingerprint
+        if fp:
+            self._learn(model, f"FP|{role}|{fp}")
+            self._index_fingerprint(model.app, fp, model.fp_roles.get(fp, {}))
+            if f.system_prompt and model.texts.get(role) != f.system_prompt:
+                model.texts[role] = f.system_prompt
+                self.store.record_text(model.app, role, f.system_prompt)
+
+    def _finish(self, wf: LiveWorkflow) -> None:
+        """A workflow ended: learn its end, length, fan-outs, loops and per-step remaining work."""
+        if not wf.steps:
+            return
+        model = self.models.get(wf.app)
+        if model is None:
+            return
+        self.counters["finished"] += 1
+        self.store.end_live(wf.app, wf.wid)
+        last = wf.steps[-1]
+        self._learn(model, f"T|{last.role}|{last.k}|{END}")
+        calls = sum(st.width for st in wf.steps)
+        self._learn(model, f"L|{bucket_of(calls)}")
+        self._learn(model, "LS", calls)
+        visits: dict[str, int] = {}
+        for st in wf.steps:
+            visits[st.role] = visits.get(st.role, 0) + 1
+            self._learn(model, f"F|{st.role}|{st.width}")
+        for r, v in visits.items():
+            self._learn(model, f"V|{r}|{v}")
+        after_calls = calls
+        after_out = sum(st.out_tokens for st in wf.steps)
+        peak_after = 0
+        peaks = [0] * len(wf.steps)
+        for i in range(len(wf.steps) - 1, -1, -1):
+            peak_after = max(peak_after, wf.steps[i].max_context)
+            peaks[i] = peak_after
+        for i, st in enumerate(wf.steps):
+            after_calls -= st.width
+            after_out -= st.out_tokens
+            growth = max(0, peaks[i] - st.prompt_tokens)
+            for kind, value in (("R", after_calls), ("Q", after_out), ("G", growth)):
+                self._learn(model, f"{kind}|{st.role}|{st.k}|{bucket_of(value)}")
+                self._learn(model, f"{kind}S|{st.role}|{st.k}", value)
+
+    def _error(self, where: str) -> None:
+        self.counters["errors"] += 1
+        now = time.monotonic()
+        if now - self._last_error_log >= self.settings.error_log_interval_s:
+            self._last_error_log = now
+            log.exception("predictor %s failed (%d errors so far); answering reactively", where,
+                          self.counters["errors"])
+
+
+def _reactive(f: RequestFeatures) -> Prediction:
+    """A cold prediction from the request alone."""
+    cap = f.max_tokens or 0
+    return Prediction(cold=True, output_tokens_expected=float(cap), output_tokens_bound=cap,
+                      peak_context_tokens=f.prompt_tokens + cap)
+
+
+def _cap(x: float, cap: int | None) -> float:
+    return min(x, cap) if cap else x
+
+
+def _system_blocks(f: RequestFeatures) -> int:
+    """Leading prompt blocks that hold only the system prompt (shared by every workflow of a role)."""
+    if not f.system_prompt:
+        return 0
+    return (len(f.system_prompt.encode("utf-8", "surrogatepass")) + SYSTEM_BLOCK_OVERHEAD) // BLOCK_CHARS
+
+
+def _common_prefix(a: tuple[int, ...], b: tuple[int, ...]) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def _sum_sketches(sketches: list[Any]) -> Any:
+    from predictor.sketch import LogSketch
+
+    out = LogSketch()
+    for sk in sketches:
+        out.merge(sk)
+    return out
+
+
+def _live_state(wf: LiveWorkflow) -> dict[str, Any]:
+    return {
+        "calls": wf.calls,
+        "steps": [[s.role, s.k, s.started, s.width, s.out_tokens, s.prompt_tokens, s.max_context] for s in wf.steps],
+        "last_context": wf.last_context,
+        "peak_context": wf.peak_context,
+        "out_tokens": wf.out_tokens,
+    }
+
+
+def make_predictor(redis_url: str = "", key_prefix: str = "pythia:", **settings: Any) -> Predictor:
+    """A predictor on the MemoryStore (`redis_url` empty) or on a RedisStore shared through `redis_url`."""
+    cfg = build_settings(**settings)
+    if not redis_url:
+        return Predictor(MemoryStore(), cfg)
+    from predictor.redis_store import RedisStore
+
+    return Predictor(RedisStore(redis_url, key_prefix, cfg), cfg)

@@ -1,0 +1,144 @@
+"""State of the workflows in flight: their steps so far, and the indexes that link untagged calls."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from itertools import islice
+
+
+@dataclass(slots=True)
+class StepRec:
+    """One step of a workflow: one or more parallel calls of the same role."""
+
+    role: str
+    k: int  # how many steps of this role the workflow has had, this one included
+    started: float
+    width: int = 0  # calls launched in this step
+    observed: int = 0  # calls of this step whose outcome came back
+    out_tokens: int = 0
+    prompt_tokens: int = 0  # of its first call
+    max_context: int = 0  # max prompt + output over its calls
+    hashes: tuple[int, ...] = ()  # prompt block hashes of its first call
+
+
+@dataclass(slots=True)
+class LiveWorkflow:
+    """One workflow in flight (tagged or linked)."""
+
+    app: str
+    wid: str
+    created: float
+    last_seen: float
+    steps: list[StepRec] = field(default_factory=list)
+    call_steps: list[int] = field(default_factory=list)  # call index -> step index
+    visits: dict[str, int] = field(default_factory=dict)  # role -> steps so far
+    in_flight: int = 0
+    last_hashes: tuple[int, ...] = ()  # block hashes of its latest prompt (what the next call continues)
+    last_messages: tuple[dict[str, str], ...] = ()
+    last_context: int = 0  # prompt + output of the latest finished call
+    peak_context: int = 0
+    out_tokens: int = 0
+    merged: bool = False  # earlier steps were adopted from another gateway process (Redis live state)
+    call_offset: int = 0  # calls adopted then, which shift the index of calls predicted before the merge
+
+    @property
+    def calls(self) -> int:
+        """Calls of this workflow seen so far."""
+        return len(self.call_steps)
+
+
+class LiveTable:
+    """Live workflows by (app, id), oldest-active first, plus a prefix-hash index for linking."""
+
+    def __init__(self, max_workflows: int = 100_000) -> None:
+        self.max_workflows = max_workflows
+        self.flows: OrderedDict[tuple[str, str], LiveWorkflow] = OrderedDict()
+        # app -> block hash -> workflow id whose latest prompt contains that block (chained, so position too)
+        self.hash_index: dict[str, dict[int, str]] = {}
+
+    def get(self, app: str, wid: str) -> LiveWorkflow | None:
+        """The live workflow, or None."""
+        return self.flows.get((app, wid))
+
+    def touch(self, wf: LiveWorkflow, now: float) -> None:
+        """Mark activity: keeps the table ordered by last activity."""
+        wf.last_seen = max(wf.last_seen, now)
+        self.flows.move_to_end((wf.app, wf.wid))
+
+    def add(self, wf: LiveWorkflow) -> list[LiveWorkflow]:
+        """Insert a workflow; returns workflows dropped to respect the size bound."""
+        self.flows[(wf.app, wf.wid)] = wf
+        dropped: list[LiveWorkflow] = []
+        while len(self.flows) > self.max_workflows:
+            _, old = self.flows.popitem(last=False)
+            self._unindex(old)
+            dropped.append(old)
+        return dropped
+
+    def remove(self, wf: LiveWorkflow) -> None:
+        """Forget a workflow."""
+        if self.flows.pop((wf.app, wf.wid), None) is not None:
+            self._unindex(wf)
+
+    def expired(self, now: float, idle_s: float, limit: int = 8) -> list[LiveWorkflow]:
+        """Remove and return up to `limit` workflows idle for longer than `idle_s` with nothing in flight."""
+        out: list[LiveWorkflow] = []
+        for key in list(islice(iter(self.flows), limit * 4)):
+            wf = self.flows[key]
+            if wf.last_seen + idle_s > now:
+                break  # ordered by activity: the rest are newer
+            if wf.in_flight > 0 and wf.last_seen + 10 * idle_s > now:
+                continue  # a call is still running; give it longer (its outcome may never come)
+            del self.flows[key]
+            self._unindex(wf)
+            out.append(wf)
+            if len(out) >= limit:
+                break
+        return out
+
+    def set_prompt(self, wf: LiveWorkflow, hashes: tuple[int, ...], skip: int, stride: int = 4) -> None:
+        """Index the workflow's latest prompt for linking (every `stride`-th block after `skip`, and the last)."""
+        self._unindex(wf)
+        wf.last_hashes = hashes
+        if not hashes:
+            return
+        idx = self.hash_index.setdefault(wf.app, {})
+        n = len(hashes)
+        for i in range(max(skip, 0), n):
+            if i < skip + 16 or i % stride == 0:  # every block near the start, where task texts differ
+                idx[hashes[i]] = wf.wid
+        idx[hashes[n - 1]] = wf.wid
+
+    def _unindex(self, wf: LiveWorkflow) -> None:
+        idx = self.hash_index.get(wf.app)
+        if not idx or not wf.last_hashes:
+            return
+        for h in wf.last_hashes:
+            if idx.get(h) == wf.wid:
+                del idx[h]
+
+    def longest_prefix(self, app: str, hashes: tuple[int, ...], min_blocks: int) -> tuple[str, int]:
+        """The live workflow whose latest prompt shares the longest block prefix with `hashes`.
+
+        Returns (workflow id, blocks shared) or ("", 0); matches of `min_blocks` or fewer (the
+        role's fixed system prompt, which every workflow shares) do not count.
+        """
+        idx = self.hash_index.get(app)
+        if not idx:
+            return "", 0
+        for i in range(len(hashes) - 1, min_blocks - 1, -1):
+            wid = idx.get(hashes[i])
+            if wid is not None:
+                return wid, i + 1
+        return "", 0
+
+    def recent(self, app: str, limit: int) -> list[LiveWorkflow]:
+        """Up to `limit` of the most recently active workflows of `app`, newest first."""
+        out: list[LiveWorkflow] = []
+        for key in islice(reversed(self.flows), limit * 8):  # bounded scan: other apps may dominate
+            if key[0] == app:
+                out.append(self.flows[key])
+                if len(out) >= limit:
+                    break
+        return out

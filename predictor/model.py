@@ -1,0 +1,223 @@
+"""The learned workflow model of one app, kept as flat additive counters plus indexes over them.
+
+Every fact the predictor learns is a counter increment on a flat key (``T|coder|2|tester``
++= 1). Counters add up across processes, so the Redis store merges gateways by HINCRBYFLOAT
+and any process rebuilds the same model by replaying them through `AppModel.apply`.
+
+Key schema (``|``-separated; roles never contain ``|``; k = how many steps of that role the
+workflow has had, this one included, capped at K_MAX):
+
+====================  =========================================================
+``S|R``               workflows that started with role R
+``T|R|k|N``           step transitions from state (R, k) to role N (``$end`` = workflow ended)
+``C|R``               calls of role R
+``O|R|b`` ``OS|R``    output-token sketch bucket b / sum of role R
+``P|R|b`` ``PS|R``    prompt-token sketch bucket b / sum of role R
+``F|R|w``             steps of role R that launched w parallel calls (fan-out)
+``V|R|v``             finished workflows in which role R ran v steps (loops, retries)
+``L|b`` ``LS``        calls per finished workflow (sketch / sum)
+``R|R|k|b`` ``RS|..`` calls remaining after a step in state (R, k) (sketch / sum)
+``Q|R|k|b`` ``QS|..`` output tokens remaining after a step in state (R, k)
+``G|R|k|b`` ``GS|..`` peak context growth from a step in state (R, k): peak - its prompt
+``FP|R|fp``           calls of role R whose system prompt had fingerprint fp
+``CR|R|N`` ``CN|R|N`` share of the previous prompt's blocks that role N's prompt kept after R
+``X|R`` ``XN|R``      prompt tokens / accumulated context before the call, for role R
+====================  =========================================================
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from predictor.sketch import LogSketch
+
+END = "$end"
+K_MAX = 12
+
+
+def clean_role(role: str) -> str:
+    """A role name safe inside a counter key."""
+    return role.replace("|", "/")[:128]
+
+
+@dataclass(slots=True)
+class StateStats:
+    """What happens after a step in state (role, k)."""
+
+    trans: dict[str, float] = field(default_factory=dict)  # next role (or END) -> count
+    remaining: LogSketch = field(default_factory=LogSketch)  # calls after the step
+    remaining_out: LogSketch = field(default_factory=LogSketch)  # output tokens after the step
+    growth: LogSketch = field(default_factory=LogSketch)  # peak context - this step's prompt
+
+
+@dataclass(slots=True)
+class RoleStats:
+    """Per-role lengths, fan-out, loops and prompt shape."""
+
+    calls: float = 0.0
+    starts: float = 0.0
+    output: LogSketch = field(default_factory=LogSketch)
+    prompt: LogSketch = field(default_factory=LogSketch)
+    fanout: dict[int, float] = field(default_factory=dict)  # width -> steps
+    visits: dict[int, float] = field(default_factory=dict)  # steps per finished workflow -> workflows
+    fingerprints: dict[str, float] = field(default_factory=dict)
+    carry_sum: dict[str, float] = field(default_factory=dict)  # next role -> sum of kept-prefix share
+    carry_n: dict[str, float] = field(default_factory=dict)
+    context_sum: float = 0.0
+    context_n: float = 0.0
+
+    def fanout_mean(self) -> float:
+        """Mean parallel width of this role's steps (1 when unknown)."""
+        n = sum(self.fanout.values())
+        return sum(w * c for w, c in self.fanout.items()) / n if n > 0 else 1.0
+
+    def carry(self, nxt: str) -> float:
+        """Mean share of this role's prompt blocks that the next role's prompt starts with."""
+        n = self.carry_n.get(nxt, 0.0)
+        return self.carry_sum.get(nxt, 0.0) / n if n > 0 else 0.0
+
+
+@dataclass(slots=True)
+class AppModel:
+    """All counters of one app and the indexes `apply` keeps over them."""
+
+    app: str
+    counts: dict[str, float] = field(default_factory=dict)
+    texts: dict[str, str] = field(default_factory=dict)  # role -> system prompt text (latest seen)
+    roles: dict[str, RoleStats] = field(default_factory=dict)
+    states: dict[tuple[str, int], StateStats] = field(default_factory=dict)
+    # role -> transitions summed over k (the automaton as drawn)
+    role_trans: dict[str, dict[str, float]] = field(default_factory=dict)
+    lengths: LogSketch = field(default_factory=LogSketch)  # calls per finished workflow
+    fp_roles: dict[str, dict[str, float]] = field(default_factory=dict)  # fingerprint -> role -> calls
+    version: int = 0  # bumped on every applied counter; views recompute from it
+
+    @property
+    def workflows_finished(self) -> float:
+        """How many workflows of this app have ended (the model's history)."""
+        return self.lengths.total
+
+    @property
+    def workflows_started(self) -> float:
+        """How many workflows of this app have been seen starting."""
+        return sum(r.starts for r in self.roles.values())
+
+    def role(self, name: str) -> RoleStats:
+        """Stats of a role, created empty on first use."""
+        r = self.roles.get(name)
+        if r is None:
+            r = self.roles[name] = RoleStats()
+        return r
+
+    def state(self, role: str, k: int) -> StateStats:
+        """Stats of state (role, k), created empty on first use."""
+        s = self.states.get((role, k))
+        if s is None:
+            s = self.states[(role, k)] = StateStats()
+        return s
+
+    def apply(self, key: str, delta: float) -> None:
+        """Add `delta` to one counter and to the index it feeds; unknown keys are only counted."""
+        self.counts[key] = self.counts.get(key, 0.0) + delta
+        self.version += 1
+        p = key.split("|")
+        kind = p[0]
+        try:
+            if kind == "T":
+                st = self.state(p[1], int(p[2]))
+                st.trans[p[3]] = st.trans.get(p[3], 0.0) + delta
+                rt = self.role_trans.setdefault(p[1], {})
+                rt[p[3]] = rt.get(p[3], 0.0) + delta
+            elif kind == "O":
+                self.role(p[1]).output.add_bucket(int(p[2]), delta)
+            elif kind == "OS":
+                self.role(p[1]).output.sum += delta
+            elif kind == "C":
+                self.role(p[1]).calls += delta
+            elif kind == "S":
+                self.role(p[1]).starts += delta
+            elif kind == "P":
+                self.role(p[1]).prompt.add_bucket(int(p[2]), delta)
+            elif kind == "PS":
+                self.role(p[1]).prompt.sum += delta
+            elif kind == "F":
+                fo = self.role(p[1]).fanout
+                fo[int(p[2])] = fo.get(int(p[2]), 0.0) + delta
+            elif kind == "V":
+                vi = self.role(p[1]).visits
+                vi[int(p[2])] = vi.get(int(p[2]), 0.0) + delta
+            elif kind == "L":
+                self.lengths.add_bucket(int(p[1]), delta)
+            elif kind == "LS":
+                self.lengths.sum += delta
+            elif kind in ("R", "Q", "G"):
+                st = self.state(p[1], int(p[2]))
+                sk = st.remaining if kind == "R" else st.remaining_out if kind == "Q" else st.growth
+                sk.add_bucket(int(p[3]), delta)
+            elif kind in ("RS", "QS", "GS"):
+                st = self.state(p[1], int(p[2]))
+                sk = st.remaining if kind == "RS" else st.remaining_out if kind == "QS" else st.growth
+                sk.sum += delta
+            elif kind == "FP":
+                r = self.role(p[1])
+                r.fingerprints[p[2]] = r.fingerprints.get(p[2], 0.0) + delta
+                fr = self.fp_roles.setdefault(p[2], {})
+                fr[p[1]] = fr.get(p[1], 0.0) + delta
+            elif kind == "CR":
+                r = self.role(p[1])
+                r.carry_sum[p[2]] = r.carry_sum.get(p[2], 0.0) + delta
+            elif kind == "CN":
+                r = self.role(p[1])
+                r.carry_n[p[2]] = r.carry_n.get(p[2], 0.0) + delta
+            elif kind == "X":
+                self.role(p[1]).context_sum += delta
+            elif kind == "XN":
+                self.role(p[1]).context_n += delta
+        except (IndexError, ValueError):
+            pass  # a malformed key (another version wrote it): kept in counts, ignored by the indexes
+
+    def role_for_fingerprint(self, fp: str) -> str:
+        """The role whose calls most often carried system-prompt fingerprint `fp` ('' if none)."""
+        roles = self.fp_roles.get(fp)
+        if not roles:
+            return ""
+        return max(roles.items(), key=lambda kv: kv[1])[0]
+
+    def to_json(self, prune_share: float = 0.05, bound_quantile: float = 0.95) -> dict[str, object]:
+        """The model as plain JSON: automaton, structure and per-role length statistics."""
+        roles: dict[str, object] = {}
+        for name, r in sorted(self.roles.items()):
+            out_t = self.role_trans.get(name, {})
+            total = sum(out_t.values())
+            roles[name] = {
+                "calls": r.calls,
+                "starts": r.starts,
+                "output_tokens": {"mean": round(r.output.mean, 1), "bound": r.output.quantile(bound_quantile),
+                                  "p50": r.output.quantile(0.5)},
+                "prompt_tokens": {"mean": round(r.prompt.mean, 1), "bound": r.prompt.quantile(bound_quantile),
+                                  "p50": r.prompt.quantile(0.5)},
+                "fanout": {str(w): c for w, c in sorted(r.fanout.items())},
+                "fanout_mean": round(r.fanout_mean(), 3),
+                "visits_per_workflow": {str(v): c for v, c in sorted(r.visits.items())},
+                "system_fingerprint": max(r.fingerprints.items(), key=lambda kv: kv[1])[0] if r.fingerprints else "",
+                "context_carried": round(r.context_sum / r.context_n, 3) if r.context_n else None,
+                "transitions": {
+                    n: {"count": c, "share": round(c / total, 4), "pruned": c / total < prune_share,
+                        "prefix_kept": round(r.carry(n), 3)}
+                    for n, c in sorted(out_t.items(), key=lambda kv: -kv[1])
+                } if total > 0 else {},
+            }
+        starts_total = sum(r.starts for r in self.roles.values())
+        return {
+            "app": self.app,
+            "workflows_started": starts_total,
+            "workflows_finished": self.workflows_finished,
+            "workflow_calls": {"mean": round(self.lengths.mean, 2), "bound": self.lengths.quantile(bound_quantile)},
+            "start": {n: round(r.starts / starts_total, 4) for n, r in sorted(self.roles.items())
+                      if r.starts > 0} if starts_total else {},
+            "end": {n: round(t.get(END, 0.0) / sum(t.values()), 4) for n, t in sorted(self.role_trans.items())
+                    if sum(t.values()) > 0 and t.get(END)},
+            "roles": roles,
+            "prune_share": prune_share,
+            "bound_quantile": bound_quantile,
+        }

@@ -1,0 +1,80 @@
+"""A small mergeable quantile sketch: counts in fixed log-spaced buckets.
+
+Buckets are the same in every process, so two sketches merge by adding counts, and
+a sketch is stored in Redis as one counter per non-empty bucket (HINCRBYFLOAT).
+Bucket i >= 1 holds values in [GAMMA**(i-1), GAMMA**i); bucket 0 holds values below 1.
+With GAMMA = 1.1 a quantile is overestimated by at most 10%, which errs on the safe
+side for a bound, and small integers (step counts) get a bucket of their own.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+GAMMA = 1.1
+_LOG_GAMMA = math.log(GAMMA)
+MAX_BUCKET = 200  # GAMMA**200 ~ 1.9e8: more than any token count we will see
+
+
+def bucket_of(x: float) -> int:
+    """The bucket index holding value `x`."""
+    if x < 1.0:
+        return 0
+    return min(MAX_BUCKET, int(math.log(x) / _LOG_GAMMA) + 1)
+
+
+def bucket_upper(i: int) -> int:
+    """The largest integer a value in bucket `i` can have (0 for bucket 0)."""
+    if i <= 0:
+        return 0
+    return max(1, math.ceil(GAMMA**i) - 1)
+
+
+@dataclass(slots=True)
+class LogSketch:
+    """Counts per log bucket plus the running sum (for the mean)."""
+
+    counts: dict[int, float] = field(default_factory=dict)
+    total: float = 0.0
+    sum: float = 0.0
+
+    def add_bucket(self, bucket: int, weight: float) -> None:
+        """Add `weight` observations to one bucket (how stored counters are replayed)."""
+        self.counts[bucket] = self.counts.get(bucket, 0.0) + weight
+        self.total += weight
+
+    def add(self, x: float, weight: float = 1.0) -> int:
+        """Observe value `x`; returns its bucket."""
+        b = bucket_of(x)
+        self.add_bucket(b, weight)
+        self.sum += x * weight
+        return b
+
+    @property
+    def mean(self) -> float:
+        """Mean of the observed values (0 when empty)."""
+        return self.sum / self.total if self.total > 0 else 0.0
+
+    def quantile(self, q: float) -> int:
+        """Upper integer edge of the bucket where the `q` quantile falls (0 when empty)."""
+        if self.total <= 0:
+            return 0
+        target = q * self.total
+        acc = 0.0
+        last = 0
+        for b in sorted(self.counts):
+            c = self.counts[b]
+            if c <= 0:
+                continue
+            acc += c
+            last = b
+            if acc >= target - 1e-9:
+                return bucket_upper(b)
+        return bucket_upper(last)
+
+    def merge(self, other: LogSketch) -> None:
+        """Add another sketch's counts to this one."""
+        for b, c in other.counts.items():
+            self.add_bucket(b, c)
+        self.sum += other.sum
