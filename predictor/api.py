@@ -152,6 +152,16 @@ class Predictor:
         for fp, roles in model.fp_roles.items():
             self._index_fingerprint(app, fp, roles)
 
+    def model_counts(self, app: str) -> Mapping[str, float]:
+        """The raw counters of an app's model (what the Redis store restores after a data loss)."""
+        model = self.models.get(app)
+        return model.counts if model is not None else {}
+
+    def model_texts(self, app: str) -> Mapping[str, str]:
+        """Role system prompts of an app."""
+        model = self.models.get(app)
+        return model.texts if model is not None else {}
+
     def merge_live(self, app: str, wid: str, state: Mapping[str, Any]) -> None:
         """Adopt another process's earlier steps of a workflow this process has just started seeing."""
         wf = self.live.get(app, wid)
@@ -375,7 +385,7 @@ class Predictor:
         s = self.settings
         # a prompt that shares more than the role's system prompt with a live workflow's latest prompt
         # (it continues it, or repeats the task text of a running fan-out) belongs to that workflow
-        wid, _blocks = self.live.longest_prefix(app, f.prefix_hashes, _system_blocks(f) + 2)
+        wid, _blocks = self.live.longest_prefix(app, f.prefix_hashes, _system_blocks(f) + 1)
         if wid and self.live.get(app, wid) is not None:
             self.counters["linked_prefix"] += 1
             return wid, True
@@ -391,7 +401,7 @@ class Predictor:
             if not wf.steps:
                 continue
             cur = wf.steps[-1]
-            if self._is_sibling(wf, cur, role, f, now):
+            if self._is_sibling(wf, cur, role, f, now, need_evidence=True):
                 score = self._p_wider(model, role, cur.width)  # a sibling of a running fan-out
             elif cur.observed < cur.width:
                 continue  # its step is still running: its next step has not started
@@ -406,16 +416,27 @@ class Predictor:
         self.counters["new_untagged"] += 1
         return f"{app}~{self._seq}", False
 
-    def _is_sibling(self, wf: LiveWorkflow, cur: StepRec, role: str, f: RequestFeatures, now: float) -> bool:
-        """Whether a call of `role` joins the workflow's running step `cur` as one more parallel call."""
+    def _is_sibling(self, wf: LiveWorkflow, cur: StepRec, role: str, f: RequestFeatures, now: float,
+                    need_evidence: bool = False) -> bool:
+        """Whether a call of `role` joins the workflow's running step `cur` as one more parallel call.
+
+        Siblings of a fan-out share the task context beyond the system prompt; a call that continues
+        the latest prompt is the next turn instead. Without prompt hashes, timing decides (a same-role
+        call while the step runs), unless `need_evidence` (linking untagged calls, where it would
+        merge unrelated concurrent calls).
+        """
         if cur.role != role:
             return False
         if f.prefix_hashes and cur.hashes:
             last = wf.last_hashes
             if last and len(f.prefix_hashes) > len(last) and _common_prefix(f.prefix_hashes, last) >= len(last):
                 return False  # it continues the latest prompt: the next turn of a loop, not a sibling
-            if _common_prefix(f.prefix_hashes, cur.hashes) >= _system_blocks(f) + 2:
+            if _common_prefix(f.prefix_hashes, cur.hashes) > _system_blocks(f):
                 return now - cur.started <= self.settings.sibling_window_s  # same task context: a fan-out
+            if need_evidence:
+                return False
+        elif need_evidence:
+            return False
         return cur.observed < cur.width or now - cur.started <= self.settings.fanout_window_s
 
     def _p_next(self, model: AppModel, role: str, k: int, nxt: str) -> float:

@@ -1,0 +1,290 @@
+"""RedisStore: the learned model shared by every gateway process through Redis.
+
+Hot path: `record*` only add to in-process dicts. A background task flushes them every
+`flush_interval_s` in one pipeline (additive HINCRBYFLOAT through a Lua script, so any number
+of processes merge), then reloads every app's counters into the Predictor's in-process model
+every `refresh_interval_s`. Live-workflow state is written with a TTL and fetched for workflows
+this process meets mid-way, so calls of one workflow may land on different processes.
+
+Redis down, slow or restarted: the hot path never notices. Failed batches go back into the
+queue (counters are additive, so nothing is lost or double-counted), errors are counted and
+logged once per interval, and the client reconnects on the next cycle. After a restart that
+lost the data (no persistence), the first process to flush restores its whole model atomically.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections.abc import Mapping
+from typing import Any, Protocol
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from predictor.settings import PredictorSettings
+from predictor.store import SnapshotSink
+
+log = logging.getLogger("pythia.predictor.redis")
+
+# Add counters only if the hash exists: a missing hash means Redis lost its data (or the app is new).
+APPLY_LUA = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+for i = 1, #ARGV, 2 do redis.call('HINCRBYFLOAT', KEYS[1], ARGV[i], ARGV[i + 1]) end
+return 1
+"""
+
+# Restore a whole model (ARGV[2 .. 2n+1]) if the hash is still missing, then add the pending counters.
+RESTORE_LUA = """
+local n = tonumber(ARGV[1])
+local restored = 0
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  for i = 2, 2 * n, 2 do redis.call('HINCRBYFLOAT', KEYS[1], ARGV[i], ARGV[i + 1]) end
+  restored = 1
+end
+for i = 2 * n + 2, #ARGV, 2 do redis.call('HINCRBYFLOAT', KEYS[1], ARGV[i], ARGV[i + 1]) end
+return restored
+"""
+
+REDIS_ERRORS = (RedisError, OSError, asyncio.TimeoutError, ConnectionError)
+
+
+class ModelSink(SnapshotSink, Protocol):
+    """The Predictor, as the Redis store sees it."""
+
+    def model_counts(self, app: str) -> Mapping[str, float]: ...
+
+    def model_texts(self, app: str) -> Mapping[str, str]: ...
+
+
+def _pairs(d: Mapping[str, float]) -> list[str]:
+    out: list[str] = []
+    for k, v in d.items():
+        if v:
+            out.append(k)
+            out.append(repr(float(v)))
+    return out
+
+
+class RedisStore:
+    """Counters and live-workflow state in Redis, behind in-process queues and snapshots."""
+
+    shares_live = True
+
+    def __init__(self, url: str, key_prefix: str = "pythia:", settings: PredictorSettings | None = None) -> None:
+        self.url = url
+        self.prefix = key_prefix
+        self.settings = settings or PredictorSettings()
+        self._pending: dict[str, dict[str, float]] = {}  # app -> counter -> delta not yet in Redis
+        self._texts: dict[str, dict[str, str]] = {}  # app -> role -> system prompt not yet in Redis
+        self._live: dict[tuple[str, str], dict[str, Any]] = {}
+        self._wanted: set[tuple[str, str]] = set()
+        self._ended: set[tuple[str, str]] = set()
+        self._client: aioredis.Redis | None = None
+        self._sink: ModelSink | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._stopping = False
+        self._errors_since_log = 0
+        self._last_log = 0.0
+        self.counters: dict[str, float] = {"redis_errors": 0, "redis_flushes": 0, "redis_refreshes": 0,
+                                           "redis_restores": 0, "redis_connected": 0, "redis_live_merged": 0}
+
+    # ------------------------------------------------------------------ hot path (sync, no I/O)
+
+    def record(self, app: str, key: str, delta: float) -> None:
+        """Queue a counter increment."""
+        d = self._pending.get(app)
+        if d is None:
+            d = self._pending[app] = {}
+        d[key] = d.get(key, 0.0) + delta
+
+    def record_text(self, app: str, role: str, text: str) -> None:
+        """Queue a role's system prompt text."""
+        self._texts.setdefault(app, {})[role] = text
+
+    def record_live(self, app: str, wid: str, state: dict[str, Any]) -> None:
+        """Queue the latest state of a live workflow (written with a TTL)."""
+        self._live[(app, wid)] = state
+
+    def want_live(self, app: str, wid: str) -> None:
+        """Ask for another process's state of this workflow (merged in the background)."""
+        self._wanted.add((app, wid))
+
+    def end_live(self, app: str, wid: str) -> None:
+        """The workflow ended: its live state can go."""
+        self._live.pop((app, wid), None)
+        self._ended.add((app, wid))
+
+    def stats(self) -> dict[str, float]:
+        """Counters for /metrics: errors, flushes, refreshes, restores, whether Redis answered last time."""
+        out = dict(self.counters)
+        out["redis_pending_counters"] = float(sum(len(d) for d in self._pending.values()))
+        return out
+
+    # ------------------------------------------------------------------ background
+
+    def _key(self, kind: str, app: str) -> str:
+        return f"{self.prefix}{kind}:{app}"
+
+    async def start(self, sink: SnapshotSink) -> None:
+        """Connect (lazily) and start the flush/refresh loop; never fails when Redis is down."""
+        self._sink = sink  # type: ignore[assignment]
+        t = self.settings.redis_timeout_s
+        self._client = aioredis.Redis.from_url(self.url, socket_timeout=t, socket_connect_timeout=t,
+                                               decode_responses=True, retry_on_timeout=False)
+        self._stopping = False
+        with contextlib.suppress(*REDIS_ERRORS):
+            await self._refresh()  # a warm start when Redis is there; the loop retries otherwise
+            self.counters["redis_connected"] = 1
+        self._task = asyncio.create_task(self._run(), name="pythia-predictor-redis")
+
+    async def stop(self) -> None:
+        """Stop the loop, try one last flush (bounded by the timeout), close the connection."""
+        self._stopping = True
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task
+            self._task = None
+        if self._client is not None:
+            with contextlib.suppress(*REDIS_ERRORS):
+                await asyncio.wait_for(self._flush(), timeout=max(1.0, 4 * self.settings.redis_timeout_s))
+            with contextlib.suppress(*REDIS_ERRORS, Exception):
+                await self._client.aclose()
+            self._client = None
+
+    async def _run(self) -> None:
+        s = self.settings
+        next_refresh = time.monotonic() + s.refresh_interval_s
+        while not self._stopping:
+            try:
+                await asyncio.wait_for(self._flush(), timeout=4 * s.redis_timeout_s + 1)
+                if time.monotonic() >= next_refresh:
+                    next_refresh = time.monotonic() + s.refresh_interval_s
+                    await asyncio.wait_for(self._refresh(), timeout=4 * s.redis_timeout_s + 1)
+                self.counters["redis_connected"] = 1
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # Redis down or slow: keep queuing, report once per interval
+                self._failed(e)
+            await asyncio.sleep(s.flush_interval_s)
+
+    def _failed(self, e: BaseException) -> None:
+        self.counters["redis_errors"] += 1
+        self.counters["redis_connected"] = 0
+        self._errors_since_log += 1
+        now = time.monotonic()
+        if now - self._last_log >= self.settings.error_log_interval_s:
+            log.warning("predictor Redis store unavailable (%s: %s); %d errors since last report, "
+                        "predicting from the last snapshot and queuing writes", type(e).__name__, e,
+                        self._errors_since_log)
+            self._last_log = now
+            self._errors_since_log = 0
+
+    def _requeue(self, batch: dict[str, dict[str, float]]) -> None:
+        for app, d in batch.items():
+            p = self._pending.setdefault(app, {})
+            for k, v in d.items():
+                p[k] = p.get(k, 0.0) + v
+
+    async def _flush(self) -> None:
+        """Send queued counters, texts and live state in one pipeline; requeue on failure."""
+        client = self._client
+        if client is None:
+            return
+        batch, self._pending = self._pending, {}
+        texts, self._texts = self._texts, {}
+        live, self._live = self._live, {}
+        ended, self._ended = self._ended, set()
+        wanted, self._wanted = self._wanted, set()
+        apps = [a for a, d in batch.items() if d]
+        try:
+            if apps or texts or live or ended:
+                pipe = client.pipeline(transaction=False)
+                for app in apps:
+                    pipe.eval(APPLY_LUA, 1, self._key("model", app), *_pairs(batch[app]))
+                    pipe.sadd(f"{self.prefix}apps", app)
+                for app, t in texts.items():
+                    pipe.hset(self._key("text", app), mapping=dict(t))  # type: ignore[arg-type]
+                ttl = max(1, int(self.settings.live_ttl_s))
+                for (app, wid), state in live.items():
+                    pipe.set(f"{self.prefix}live:{app}:{wid}", json.dumps(state, separators=(",", ":")), ex=ttl)
+                for app, wid in ended:
+                    pipe.delete(f"{self.prefix}live:{app}:{wid}")
+                res = await pipe.execute()
+                missing = [app for app, r in zip(apps, res[: 2 * len(apps) : 2], strict=True) if int(r) == 0]
+                if missing:
+                    await self._restore(client, missing, {a: batch[a] for a in missing})
+                self.counters["redis_flushes"] += 1
+        except BaseException:
+            self._requeue(batch)
+            for app, t in texts.items():
+                self._texts.setdefault(app, {}).update({r: x for r, x in t.items() if r not in self._texts[app]})
+            for key, state in live.items():
+                self._live.setdefault(key, state)
+            self._ended |= ended
+            self._wanted |= wanted
+            raise
+        if wanted and self._sink is not None:
+            keys = list(wanted)
+            pipe = client.pipeline(transaction=False)
+            for app, wid in keys:
+                pipe.get(f"{self.prefix}live:{app}:{wid}")
+            try:
+                got = await pipe.execute()
+            except BaseException:
+                self._wanted |= wanted
+                raise
+            for (app, wid), raw in zip(keys, got, strict=True):
+                if raw:
+                    self._sink.merge_live(app, wid, json.loads(raw))
+                    self.counters["redis_live_merged"] += 1
+
+    async def _restore(self, client: aioredis.Redis, apps: list[str], batch: dict[str, dict[str, float]]) -> None:
+        """The apps' hashes are missing: restore this process's model (if no one has yet) plus the batch."""
+        sink = self._sink
+        pipe = client.pipeline(transaction=False)
+        for app in apps:
+            base: dict[str, float] = {}
+            if sink is not None:
+                # what this process knows minus what is still queued: the shared history it has seen
+                base = dict(sink.model_counts(app))
+                for src in (batch.get(app, {}), self._pending.get(app, {})):
+                    for k, v in src.items():
+                        base[k] = base.get(k, 0.0) - v
+            base_pairs = _pairs({k: v for k, v in base.items() if abs(v) > 1e-9})
+            pipe.eval(RESTORE_LUA, 1, self._key("model", app), str(len(base_pairs) // 2), *base_pairs,
+                      *_pairs(batch.get(app, {})))
+            texts = dict(sink.model_texts(app)) if sink is not None else {}
+            if texts:
+                pipe.hset(self._key("text", app), mapping=texts)  # type: ignore[arg-type]
+            pipe.sadd(f"{self.prefix}apps", app)
+        res = await pipe.execute()
+        restored = sum(1 for r in res if r == 1 or r == "1")
+        if restored:
+            self.counters["redis_restores"] += 1
+            log.warning("predictor Redis store: model of %s was missing (Redis restarted?); restored", apps)
+
+    async def _refresh(self) -> None:
+        """Reload every app's shared counters into the in-process model (plus what is still queued)."""
+        client, sink = self._client, self._sink
+        if client is None or sink is None:
+            return
+        apps = sorted(str(a) for a in await client.smembers(f"{self.prefix}apps"))
+        if not apps:
+            return
+        pipe = client.pipeline(transaction=False)
+        for app in apps:
+            pipe.hgetall(self._key("model", app))
+            pipe.hgetall(self._key("text", app))
+        res = await pipe.execute()
+        for i, app in enumerate(apps):
+            counts, texts = res[2 * i], res[2 * i + 1]
+            if not counts:
+                continue  # lost or not written yet: keep what this process knows
+            sink.load_snapshot(app, {k: float(v) for k, v in counts.items()}, texts or {},
+                               self._pending.get(app, {}))
+        self.counters["redis_refreshes"] += 1
