@@ -22,15 +22,17 @@ def build_app(
     pools: list[PoolConfig],
     predictor: PredictorLike | None = None,
     metrics: GatewayMetrics | None = None,
+    worker_index: int = 0,
 ) -> web.Application:
     """An application serving the OpenAI API through a `Gateway` (reachable as app[GATEWAY_KEY])."""
     tracing = Tracing(settings.otel_endpoint, settings.otel_service_name)
     gw = Gateway(
         settings,
         pools,
-        predictor if predictor is not None else make_gateway_predictor(settings.redis_url, settings.redis_key_prefix),
+        predictor if predictor is not None else make_gateway_predictor(settings),
         metrics,
         tracing.tracer,
+        worker_index,
     )
     # aiohttp enforces the body limit while reading; +1 so that exactly the limit is still accepted
     app = web.Application(client_max_size=settings.body_limit_bytes + 1)
@@ -53,10 +55,9 @@ def build_app(
 
     async def app_model(request: web.Request) -> web.Response:
         name = request.match_info["app"]
-        try:
-            model = gw.predictor.model_json(name)
-        except KeyError:
+        if name not in gw.predictor.apps():
             return error_response(404, "app_not_found", f"no workflow model for app '{name}'")
+        model = gw.predictor.model_json(name)
         return web.Response(body=orjson.dumps(model), content_type="application/json")
 
     app.router.add_post("/v1/chat/completions", gw.chat_completions)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from typing import Any, Protocol
 
+from gateway.settings import Settings
 from predictor.types import Outcome, Prediction, RequestFeatures, Tags
 
 log = logging.getLogger("pythia.predictor")
@@ -48,12 +49,14 @@ class ColdPredictor:
         raise KeyError(app)
 
 
-def make_gateway_predictor(redis_url: str, key_prefix: str) -> PredictorLike:
-    """predictor.api.make_predictor when that module exists; otherwise a cold predictor."""
+def make_gateway_predictor(settings: Settings) -> PredictorLike:
+    """predictor.api.make_predictor with the gateway's Redis and predictor settings; cold when unavailable."""
     try:
         from predictor.api import make_predictor  # type: ignore[import-not-found,unused-ignore]
     except ImportError:
         log.info("predictor.api not available; predictions are cold")
         return ColdPredictor()
-    p: PredictorLike = make_predictor(redis_url=redis_url, key_prefix=key_prefix)
+    p: PredictorLike = make_predictor(
+        redis_url=settings.redis_url, key_prefix=settings.redis_key_prefix, **settings.predictor_options
+    )
     return p

@@ -48,6 +48,7 @@ _USAGE_RE = re.compile(rb'"usage"\s*:\s*(\{(?:[^{}]|\{[^{}]*\})*\})')
 # Hook types for the pieces that plug into the hot path (see README "Extending the gateway")
 AdmissionHook = Callable[[RoutingContext, Decision], Awaitable[Decision]]
 PrewarmHook = Callable[[tuple[PrewarmAction, ...]], None]
+ReleaseListener = Callable[[ReplicaState], None]
 
 
 def find_usage(data: bytes) -> dict[str, Any] | None:
@@ -88,11 +89,14 @@ class Gateway:
         predictor: PredictorLike,
         metrics: GatewayMetrics | None = None,
         tracer: Any = None,
+        worker_index: int = 0,
     ) -> None:
         self.settings = settings
         self.view = ClusterView.from_configs(pools)
         self.replicas: dict[str, ReplicaState] = {r.url: r for p in self.view.pools for r in p.replicas}
         self.routing_state = RoutingState()
+        # workers start their rotations at different replicas, so N workers spread like one
+        self.routing_state.round_robin.update({p.name: worker_index for p in self.view.pools})
         from pools.routing import make_policy
 
         self.policy: Policy = make_policy(settings.policy)
@@ -110,8 +114,12 @@ class Gateway:
         )
         self.session: aiohttp.ClientSession | None = None
         # Hooks for the admission queue and the pre-warm sender; None = not installed.
+        # admission: awaited when route() says the pool is saturated (Decision.queue); returns the final decision.
+        # prewarm: called (sync, must not block) with a decision's PrewarmActions before the call is forwarded.
+        # release_listeners: called (sync) each time a call leaves a replica, e.g. to wake queued calls.
         self.admission: AdmissionHook | None = None
         self.prewarm: PrewarmHook | None = None
+        self.release_listeners: list[ReleaseListener] = []
         self._timeout = aiohttp.ClientTimeout(
             total=None, sock_connect=settings.connect_timeout_s, sock_read=settings.read_timeout_s
         )
@@ -307,6 +315,8 @@ class Gateway:
                     replica.inflight_prompt_tokens -= features.prompt_tokens
                     replica.reserved_kv_tokens -= reserve
                     gauge.dec()
+                    for listener in self.release_listeners:
+                        listener(replica)
                 if not failure.retryable or attempt >= self._retries:
                     status = failure.status
                     self.metrics.request_done(decision.pool, replica.url, status)
@@ -464,7 +474,7 @@ class Gateway:
         if isinstance(raw, web.Response):
             return raw
         model = ""
-        if raw and request.content_type == "application/json":
+        if raw[:1] == b"{":  # JSON whatever the declared type: clients often omit Content-Type
             try:
                 body = orjson.loads(raw)
             except orjson.JSONDecodeError:

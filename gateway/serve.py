@@ -29,13 +29,13 @@ log = logging.getLogger("pythia.serve")
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 
-async def serve_worker(settings: Settings, pools: list[PoolConfig]) -> None:
+async def serve_worker(settings: Settings, pools: list[PoolConfig], worker_index: int = 0) -> None:
     """Run one worker's server until SIGTERM/SIGINT, then shut down gracefully."""
     from aiohttp import web
 
     from gateway.app import build_app
 
-    app = build_app(settings, pools)
+    app = build_app(settings, pools, worker_index=worker_index)
     runner = web.AppRunner(
         app,
         handle_signals=False,
@@ -57,12 +57,12 @@ async def serve_worker(settings: Settings, pools: list[PoolConfig]) -> None:
     await runner.cleanup()  # stop accepting, wait for in-flight handlers up to the grace period
 
 
-def _run_worker(settings: Settings, pools: list[PoolConfig]) -> None:
+def _run_worker(settings: Settings, pools: list[PoolConfig], worker_index: int) -> None:
     import uvloop
 
     setup_logging(settings.log_level, settings.log_json)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides; SIGTERM is handled in the loop
-    uvloop.run(serve_worker(settings, pools))
+    uvloop.run(serve_worker(settings, pools, worker_index))
 
 
 def _setup_metrics_dir(settings: Settings) -> str | None:
@@ -88,7 +88,7 @@ def _supervise(settings: Settings, pools: list[PoolConfig]) -> int:
     restarts: list[float] = []
 
     def spawn(slot: int) -> None:
-        p = ctx.Process(target=_run_worker, args=(settings, pools), name=f"pythia-worker-{slot}", daemon=False)
+        p = ctx.Process(target=_run_worker, args=(settings, pools, slot), name=f"pythia-worker-{slot}", daemon=False)
         p.start()
         procs[slot] = p
 

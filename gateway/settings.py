@@ -30,15 +30,20 @@ class Settings(BaseSettings):
     policy: str = Field("round_robin", description="routing policy name (pools.routing.POLICIES)")
     redis_url: str = Field("", description="predictor store; empty = embedded in-memory store")
     redis_key_prefix: str = Field("pythia:", description="prefix of every predictor key in Redis")
+    predictor_options: dict[str, float | int] = Field(
+        default_factory=dict, description='predictor knobs as JSON, e.g. {"min_workflows": 5}'
+    )
     connect_timeout_s: float = Field(2.0, gt=0, description="upstream TCP connect timeout")
     read_timeout_s: float = Field(600.0, gt=0, description="upstream read timeout (max silence between bytes)")
     body_limit_bytes: int = Field(16 * 1024 * 1024, gt=0, description="largest request body accepted (else 413)")
     retries: int = Field(1, ge=0, le=5, description="retries on another replica after connect failure or 5xx")
     health_interval_s: float = Field(0.5, gt=0, description="active /health check period per replica")
-    health_timeout_s: float = Field(1.0, gt=0, description="timeout of one /health check")
+    health_timeout_s: float = Field(0.75, gt=0, description="timeout of one /health check")
     unhealthy_after: int = Field(2, ge=1, description="consecutive failed checks/calls that mark a replica down")
     metrics_scrape_interval_s: float = Field(1.0, gt=0, description="period of scraping each replica's /metrics")
-    upstream_keepalive_s: float = Field(60.0, gt=0, description="idle upstream keep-alive connection lifetime")
+    upstream_keepalive_s: float = Field(
+        4.0, gt=0, description="idle upstream connection lifetime (below vLLM's 5 s keep-alive)"
+    )
     upstream_max_connections: int = Field(0, ge=0, description="open connections per replica; 0 = unlimited")
     shutdown_grace_s: float = Field(30.0, ge=0, description="on SIGTERM, time given to in-flight requests")
     max_tag_length: int = Field(128, ge=1, le=1024, description="longest accepted app/workflow/agent/session tag")
@@ -134,13 +139,26 @@ def build_parser() -> argparse.ArgumentParser:
         argument_default=argparse.SUPPRESS,
     )
     for name, field in Settings.model_fields.items():
-        help_text = f"{field.description} (env PYTHIA_{name.upper()}, default {field.default!r})"
+        default = "{}" if name == "predictor_options" else repr(field.default)
+        help_text = f"{field.description} (env PYTHIA_{name.upper()}, default {default})"
         if field.annotation is bool:
             p.add_argument(_flag(name), dest=name, action=argparse.BooleanOptionalAction, help=help_text)
         else:
-            typ: type = int if field.annotation is int else float if field.annotation is float else str
+            typ: Any = int if field.annotation is int else float if field.annotation is float else str
+            if name == "predictor_options":
+                typ = _json_object
             p.add_argument(_flag(name), dest=name, type=typ, metavar=name.upper(), help=help_text)
     return p
+
+
+def _json_object(text: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not JSON: {e}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("must be a JSON object")
+    return value
 
 
 def parse_settings(argv: list[str]) -> Settings:

@@ -3,7 +3,8 @@
 `python -m tests.fakes.openai_server --port P --name NAME [--model M]`
 
 A request body may carry a top-level `fake` object to steer the answer (the gateway forwards it
-unchanged): `{"chunks": n, "delay_s": s, "status": code, "abort_after": n}`. `GET /debug/stats`
+unchanged): `{"chunks": n, "delay_s": s, "status": code, "abort_after": n, "fail_names": [...]}`
+(`fail_names`: servers with these --name values answer 500). `GET /debug/stats`
 reports what this server saw (requests, cancelled streams, the last body received) and
 `GET /debug/last_response` returns the exact bytes of the last completion it sent.
 """
@@ -97,6 +98,8 @@ class FakeUpstream:
         self.last_headers = dict(request.headers)
         body: dict[str, Any] = orjson.loads(raw)
         fake = body.get("fake") or {}
+        if self.name in fake.get("fail_names", ()):
+            return web.json_response({"error": {"message": "fake outage", "type": "x", "code": 500}}, status=500)
         if fake.get("status"):
             status = int(fake["status"])
             return web.json_response({"error": {"message": f"fake {status}", "type": "x", "code": status}}, status=status)
