@@ -13,9 +13,10 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from pools.prefix_hash import block_hashes, common_prefix_blocks, flatten_messages
+from pools.prefix_hash import DEFAULT_BLOCK_CHARS, block_hashes, common_prefix_blocks, flatten_messages
 from pools.routing.base import PrewarmAction, RoutingContext
 from pools.routing.pool_choice import workflow_id
+from pools.routing.sampling import blocks_for, sampled
 from pools.types import ClusterView, ReplicaState
 
 
@@ -37,25 +38,30 @@ def choose_prewarm(
     p = ctx.prediction
     if p.cold or not p.next_prefix_messages or p.next_prefix_confidence < cfg.min_confidence:
         return ()
+    pool = ctx.pool
+    if pool is None:
+        return ()
+    # cheap checks before hashing the predicted prefix: long enough, and somewhere to warm it
+    chars = sum(len(m.get("content") or "") for m in p.next_prefix_messages)
+    if chars < cfg.min_new_blocks * DEFAULT_BLOCK_CHARS:
+        return ()
+    target = _spare_replica(pool.replicas, chosen, cfg)
+    if target is None:
+        return ()
     hashes = block_hashes(flatten_messages(p.next_prefix_messages))
     if len(hashes) < cfg.min_new_blocks:
         return ()
     # the next call continues this one: this call's own prefill warms the chosen replica already
     if len(hashes) - common_prefix_blocks(hashes, ctx.features.prefix_hashes) < cfg.min_new_blocks:
         return ()
-    pool = ctx.pool
-    if pool is None:
-        return ()
     index = ctx.state.prefix_index
-    matched = index.match(hashes)
+    samples = sampled(hashes)
+    matched = index.match(samples)
     urls = {r.url for r in pool.replicas}
-    best_match = max((n for u, n in matched.items() if u in urls), default=0)
+    best_match = blocks_for(max((n for u, n in matched.items() if u in urls), default=0))
     if best_match >= cfg.already_cached * len(hashes) or len(hashes) - best_match < cfg.min_new_blocks:
         return ()
-    target = _spare_replica(pool.replicas, chosen, cfg)
-    if target is None:
-        return ()
-    index.insert(target.url, hashes)
+    index.insert(target.url, samples)
     model = ctx.features.model or (pool.models[0] if pool.models else "")
     return (PrewarmAction(target.url, p.next_prefix_messages, model, hashes, workflow_id(ctx)),)
 

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from pools.prefix_index import PrefixIndex
+from pools.routing.routing_index import RoutingPrefixIndex
+from pools.routing.sampling import BLOCKS_FOR, sampled
 from pools.types import ClusterView, PoolState, ReplicaState
 from predictor.types import Prediction, RequestFeatures, Tags
 
@@ -20,7 +22,7 @@ from predictor.types import Prediction, RequestFeatures, Tags
 class RoutingState:
     """Mutable memory of the router, owned by the caller (one per gateway worker or simulation)."""
 
-    prefix_index: PrefixIndex = field(default_factory=PrefixIndex)
+    prefix_index: PrefixIndex = field(default_factory=RoutingPrefixIndex)
     round_robin: dict[str, int] = field(default_factory=dict)  # pool -> next index
     workflow_pool: dict[str, str] = field(default_factory=dict)  # workflow id -> pinned pool
     # workflow id -> replica of its latest call (pre-warm target, affinity when the index forgot)
@@ -40,7 +42,7 @@ class RoutingState:
         """A named private prefix index (created on first use with this per-replica capacity)."""
         idx = self.indexes.get(name)
         if idx is None:
-            idx = self.indexes[name] = PrefixIndex(capacity_blocks)
+            idx = self.indexes[name] = RoutingPrefixIndex(capacity_blocks)
         return idx
 
     def remember_workflow(self, workflow: str, pool: str, now: float) -> None:
@@ -68,10 +70,22 @@ class RoutingContext:
     pool: PoolState | None = None
     prefix_match: dict[str, int] | None = None
 
+    sampled: tuple[int, ...] | None = None
+    # set by the KV-capacity filter: (the list it returned, expected free KV fraction of each after this
+    # call, load of each), so the placement scorer need not read every replica again
+    kv_free: tuple[list[ReplicaState], list[float], list[int]] | None = None
+
+    def sampled_hashes(self) -> tuple[int, ...]:
+        """The prompt's block hashes at the positions the routing index keeps (pools.routing.sampling)."""
+        if self.sampled is None:
+            self.sampled = sampled(self.features.prefix_hashes)
+        return self.sampled
+
     def matched_blocks(self) -> dict[str, int]:
-        """Leading prompt blocks each replica holds, computed once per decision."""
+        """Leading prompt blocks each replica holds (to the index's sampled resolution), computed once."""
         if self.prefix_match is None:
-            self.prefix_match = self.state.prefix_index.match(self.features.prefix_hashes)
+            m = self.state.prefix_index.match(self.sampled_hashes())
+            self.prefix_match = {u: BLOCKS_FOR[k] for u, k in m.items()} if m else m
         return self.prefix_match
 
 

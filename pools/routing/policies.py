@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from functools import partial
 
-from pools.routing.base import AfterPick, Filter, Policy, Scorer
+from pools.routing.base import AfterPick, Filter, Policy
 from pools.routing.filters.healthy import HealthyFilter
 from pools.routing.filters.kv_capacity import KvCapacityFilter
 from pools.routing.pickers.cache_aware import CacheAwarePicker
@@ -22,8 +22,7 @@ from pools.routing.reconcile import record_prediction
 from pools.routing.scorers.gie_kv_utilization import GieKvUtilizationScorer
 from pools.routing.scorers.gie_prefix_cache import GiePrefixCacheScorer
 from pools.routing.scorers.gie_queue import GieQueueScorer
-from pools.routing.scorers.kv_headroom import KvHeadroomScorer
-from pools.routing.scorers.prefix_affinity import PrefixAffinityScorer
+from pools.routing.scorers.pythia_placement import PythiaPlacementScorer
 from pools.routing.scorers.queue_depth import QueueDepthScorer
 
 
@@ -82,19 +81,17 @@ def pythia(
     from pools.prewarm import choose_prewarm  # late: pools.prewarm imports this package
 
     filters: list[Filter] = [HealthyFilter()]
-    scorers: list[tuple[Scorer, float]] = [(QueueDepthScorer(), queue_weight)]
     hooks: list[AfterPick] = [record_workflow]
     if capacity:
         filters.append(KvCapacityFilter(max_overflow_probability))
-        scorers.append((KvHeadroomScorer(), headroom_weight))
     if prefix:
-        scorers.append((PrefixAffinityScorer(), prefix_weight))
         hooks.append(record_prediction)
+    scorer = PythiaPlacementScorer(queue_weight, headroom_weight if capacity else 0.0, prefix_weight if prefix else 0.0)
     return Policy(
         name,
         predicted_peak_pool if pool else smallest_fitting_pool,
         tuple(filters),
-        tuple(scorers),
+        ((scorer, 1.0),),
         MaxScorePicker(),
         priority=partial(lookahead_priority, aging_s=aging_s) if priority else None,
         uses_prefix_index=prefix,

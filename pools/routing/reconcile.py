@@ -6,6 +6,7 @@ from __future__ import annotations
 from pools.prefix_hash import DEFAULT_BLOCK_CHARS
 from pools.request_features import BYTES_PER_TOKEN
 from pools.routing.base import RoutingContext, RoutingState
+from pools.routing.sampling import ENTRIES_PER_BLOCK
 from pools.types import ReplicaState
 
 TOKENS_PER_BLOCK = DEFAULT_BLOCK_CHARS // BYTES_PER_TOKEN
@@ -13,12 +14,12 @@ MIN_QUERY_TOKENS = 4096.0  # fewer prompt tokens since the last reconcile: too l
 
 
 def size_from_capacity(state: RoutingState, replica: ReplicaState) -> None:
-    """Give the replica an index share equal to its KV cache, the first time its capacity is known."""
+    """Give the replica an index share matching its KV cache (in sampled entries), once its capacity is known."""
     if replica.kv_capacity_tokens > 0 and replica.url not in state.sized_replicas:
         state.sized_replicas.add(replica.url)
-        blocks = max(1, replica.kv_capacity_tokens // TOKENS_PER_BLOCK)
-        state.index_capacity[replica.url] = blocks
-        state.prefix_index.set_capacity(replica.url, blocks)
+        entries = max(1, int(replica.kv_capacity_tokens // TOKENS_PER_BLOCK * ENTRIES_PER_BLOCK))
+        state.index_capacity[replica.url] = entries
+        state.prefix_index.set_capacity(replica.url, entries)
 
 
 def record_prediction(ctx: RoutingContext, chosen: ReplicaState) -> None:
@@ -40,7 +41,7 @@ def reconcile_prefix_index(
     `query_tokens`/`hit_tokens`: increase of `vllm:prefix_cache_queries`/`_hits` since the previous
     reconcile. When the replica hits much less than the index predicted, the index remembers blocks
     vLLM already evicted: shrink its share (at most halve it); when it hits more, grow it (up to twice
-    the KV capacity). Returns the new share in blocks, or None when there was too little traffic.
+    the KV capacity). Returns the new share in index entries, or None when there was too little traffic.
     """
     url = replica.url
     routed = state.routed_prompt_tokens.get(url, 0.0)
@@ -50,7 +51,11 @@ def reconcile_prefix_index(
     observed = hit_tokens / query_tokens
     state.predicted_hit_tokens[url] = 0.0
     state.routed_prompt_tokens[url] = 0.0
-    base = max(1, replica.kv_capacity_tokens // TOKENS_PER_BLOCK) if replica.kv_capacity_tokens > 0 else 0
+    base = (
+        max(1, int(replica.kv_capacity_tokens // TOKENS_PER_BLOCK * ENTRIES_PER_BLOCK))
+        if replica.kv_capacity_tokens > 0
+        else 0
+    )
     current = state.index_capacity.get(url) or base or 16384
     ratio = (observed + 0.02) / (predicted + 0.02)
     if 0.8 <= ratio <= 1.25:

@@ -38,11 +38,10 @@ def route(ctx: RoutingContext, view: ClusterView, policy: Policy) -> Decision:
     else:
         totals = [0.0] * len(candidates)
         for scorer, weight in policy.scorers:
-            for i, s in enumerate(scorer.score(ctx, candidates)):
-                totals[i] += weight * s
+            totals = [t + weight * s for t, s in zip(totals, scorer.score(ctx, candidates), strict=True)]
     chosen = candidates[0] if len(candidates) == 1 else policy.picker.pick(ctx, candidates, totals)
     if policy.uses_prefix_index and ctx.features.prefix_hashes:
-        ctx.state.prefix_index.insert(chosen.url, ctx.features.prefix_hashes)
+        ctx.state.prefix_index.insert(chosen.url, ctx.sampled_hashes())
     for hook in policy.after_pick:
         hook(ctx, chosen)
     priority = policy.priority(ctx) if policy.priority is not None else ctx.features.priority

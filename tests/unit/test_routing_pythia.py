@@ -6,6 +6,7 @@ from pools.routing import RoutingState, make_policy, route
 from pools.routing.policies import pythia
 from pools.routing.priority import COLD_PRIORITY, lookahead_priority
 from pools.routing.reconcile import TOKENS_PER_BLOCK, reconcile_prefix_index
+from pools.routing.sampling import ENTRIES_PER_BLOCK
 from predictor.types import Tags
 from tests.unit.test_routing_helpers import LONG, SHORT, call, cluster, warm
 
@@ -109,14 +110,14 @@ def test_prefix_index_is_sized_from_kv_capacity_and_reconciled_from_hit_rate() -
     v, st, p = cluster(kv_capacity=64_000), RoutingState(), make_policy("pythia")
     text = "doc " * 3000
     replica = route(call(st, text, prediction=warm("wf8")), v, p).replica
-    assert st.index_capacity[replica] == 64_000 // TOKENS_PER_BLOCK
+    assert st.index_capacity[replica] == int(64_000 // TOKENS_PER_BLOCK * ENTRIES_PER_BLOCK)
     for _ in range(3):
         route(call(st, text, prediction=warm("wf8")), v, p)
     r = v.replica(replica)
     assert r is not None
     # the index expected mostly hits; the replica reports almost none: it evicted, so the share shrinks
     new = reconcile_prefix_index(st, r, query_tokens=12_000.0, hit_tokens=100.0)
-    assert new is not None and new < 64_000 // TOKENS_PER_BLOCK
+    assert new is not None and new < int(64_000 // TOKENS_PER_BLOCK * ENTRIES_PER_BLOCK)
 
 
 def test_lookahead_priority_prefers_workflows_near_their_end_and_ages() -> None:
@@ -140,3 +141,21 @@ def test_cold_calls_still_route_and_unknown_capacity_is_not_a_blocker() -> None:
     v, st = cluster(kv_capacity=0), RoutingState()
     got = {route(call(st, f"hi {i}", tags=Tags(session=str(i))), v, pythia()).replica for i in range(9)}
     assert got <= set(SHORT) and len(got) == 3
+
+
+def test_routing_index_matches_like_the_plain_index() -> None:
+    import random
+
+    from pools.prefix_index import PrefixIndex
+    from pools.routing.routing_index import RoutingPrefixIndex
+
+    rng = random.Random(3)
+    plain, fast = PrefixIndex(50), RoutingPrefixIndex(50)
+    chains = [tuple(range(k * 100, k * 100 + rng.randint(1, 30))) for k in range(8)]
+    for _ in range(300):
+        chain = rng.choice(chains)[: rng.randint(1, 30)]
+        r = f"r{rng.randrange(6)}"
+        plain.insert(r, chain)
+        fast.insert(r, chain)
+        probe = rng.choice(chains)
+        assert fast.match(probe) == plain.match(probe)

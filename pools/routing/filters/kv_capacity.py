@@ -24,8 +24,31 @@ class KvCapacityFilter:
 
     def filter(self, ctx: RoutingContext, candidates: list[ReplicaState]) -> list[ReplicaState]:
         exp, bound, limit = call_kv_expected(ctx), call_kv_bound(ctx), self.max_overflow_probability
-        return [
-            r
-            for r in candidates
-            if r.inflight == 0 or r.kv_capacity_tokens <= 0 or overflow_probability(r, exp, bound) < limit
-        ]
+        out: list[ReplicaState] = []
+        free: list[float] = []  # expected free fraction after this call, for the headroom score
+        loads: list[int] = []  # and the queue depth, for the queue score
+        for r in candidates:
+            cap = r.kv_capacity_tokens
+            if cap <= 0:
+                out.append(r)
+                free.append(1.0 - r.kv_usage)
+                loads.append(max(r.inflight, r.num_running) + r.num_waiting)
+                continue
+            scraped = r.kv_usage * cap
+            reserved = r.reserved_kv_tokens
+            expected = r.reserved_kv_expected_tokens or reserved
+            used = scraped if scraped > expected else expected
+            f = (cap - used - exp) / cap
+            # fast paths: fits even at every bound / overflows even at expected lengths
+            inflight = r.inflight
+            if (
+                inflight == 0
+                or (scraped if scraped > reserved else reserved) + bound <= cap
+                or (f >= 0.0 and overflow_probability(r, exp, bound) < limit)
+            ):
+                out.append(r)
+                free.append(f if f > 0.0 else 0.0)
+                running = r.num_running
+                loads.append((inflight if inflight > running else running) + r.num_waiting)
+        ctx.kv_free = (out, free, loads)
+        return out

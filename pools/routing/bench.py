@@ -1,0 +1,117 @@
+"""Cost of one routing decision: `python -m pools.routing.bench [--replicas 64] [--decisions 20000]`.
+
+Builds a cluster of N replicas in two pools with a warm prefix index (agent-like prompts sharing
+system prompts and growing histories), then times `route()` per decision for each policy with
+`time.perf_counter_ns`, updating the replicas' load between decisions as a gateway would. Prints
+p50/p99/max in microseconds and optionally writes them as JSON. A benchmark, not a test.
+The garbage collector stays on (after `gc.freeze()` of the set-up, as a long-running server does).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import random
+import sys
+import time
+from dataclasses import replace
+
+import numpy as np
+
+from pools.request_features import extract_features
+from pools.routing import RoutingContext, RoutingState, make_policy, route
+from pools.types import ClusterView, PoolConfig
+from predictor.types import NextRole, Prediction, RequestFeatures, Tags
+
+
+def build_cluster(n: int) -> ClusterView:
+    """N replicas: half in a 16k pool, the rest in a 128k pool, 8B/A100-like KV sizes."""
+    short = max(1, n // 2)
+    view = ClusterView.from_configs(
+        [
+            PoolConfig("short", 16384, ("m",), tuple(f"http://10.0.0.{i}:8000" for i in range(short))),
+            PoolConfig("long", 131072, ("m",), tuple(f"http://10.0.1.{i}:8000" for i in range(n - short))),
+        ]
+    )
+    rng = random.Random(1)
+    for p in view.pools:
+        for r in p.replicas:
+            r.kv_capacity_tokens, r.max_num_seqs = 450_000, 256
+            r.inflight = rng.randint(0, 40)
+            r.num_running, r.num_waiting = r.inflight, rng.randint(0, 3)
+            r.reserved_kv_tokens = rng.randint(0, 300_000)
+            r.reserved_kv_expected_tokens = int(r.reserved_kv_tokens * 0.7)
+            r.kv_usage = r.reserved_kv_expected_tokens / r.kv_capacity_tokens
+    return view
+
+
+def build_calls(k: int, rng: random.Random) -> list[tuple[RequestFeatures, Prediction, Tags]]:
+    """Agent-like calls: 20 roles' system prompts, 300 workflows' histories of 1k-40k characters."""
+    systems = [f"You are agent role {j}. " * 40 for j in range(20)]
+    out = []
+    for i in range(k):
+        wf = f"wf{rng.randrange(300)}"
+        history = (f"{wf} context " * rng.randint(80, 3000))[: rng.randint(1000, 40000)]
+        body = {"model": "m", "messages": [{"role": "system", "content": systems[rng.randrange(20)]},
+                                           {"role": "user", "content": history}], "max_tokens": 512}
+        f = extract_features(body, True, float(i))
+        pred = Prediction(cold=False, role="r", workflow=wf, output_tokens_expected=300.0, output_tokens_bound=700,
+                          next_roles=(NextRole("searcher", 0.8, 3.0),), remaining_steps=float(rng.randint(0, 12)),
+                          peak_context_tokens=rng.choice((6000, 12000, 60000)),
+                          next_prefix_messages=({"role": "system", "content": systems[rng.randrange(20)]},),
+                          next_prefix_confidence=rng.random(), confidence=0.9)
+        out.append((f, pred, Tags(app="bench", workflow=wf)))
+    return out
+
+
+def time_policy(name: str, replicas: int, decisions: int, seed: int = 0) -> dict[str, float]:
+    """Per-decision latency percentiles (us) of one policy after a warm-up of as many decisions."""
+    rng = random.Random(seed)
+    view, state, policy = build_cluster(replicas), RoutingState(), make_policy(name)
+    calls = build_calls(2000, rng)
+    samples = np.empty(decisions, dtype=np.int64)
+    by_url = {r.url: r for p in view.pools for r in p.replicas}
+    for phase in (0, 1):  # warm-up fills the prefix indexes, then measure
+        if phase:
+            gc.collect()
+            gc.freeze()  # as a server does after start-up: long-lived objects leave the GC's young scans
+        for i in range(decisions):
+            f, pred, tags = calls[i % len(calls)]
+            ctx = RoutingContext(replace(f, arrival_s=float(i)), tags, pred, float(i), state)
+            t0 = time.perf_counter_ns()
+            d = route(ctx, view, policy)
+            t1 = time.perf_counter_ns()
+            if phase:
+                samples[i] = t1 - t0
+            r = by_url.get(d.replica)
+            if r is not None:  # the load moves as dispatches and completions would move it
+                r.inflight = max(0, r.inflight + rng.choice((-1, 1)))
+                r.reserved_kv_tokens = max(0, r.reserved_kv_tokens + rng.randint(-3000, 3000))
+    gc.unfreeze()
+    us = samples / 1000.0
+    return {"p50_us": float(np.percentile(us, 50)), "p99_us": float(np.percentile(us, 99)),
+            "max_us": float(us.max()), "decisions": decisions, "replicas": replicas}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--replicas", type=int, default=64)
+    ap.add_argument("--decisions", type=int, default=20000)
+    ap.add_argument("--policies", default="round_robin,least_loaded,session,prefix,llmd,pythia")
+    ap.add_argument("--out", default="")
+    a = ap.parse_args(argv)
+    results = {}
+    for name in a.policies.split(","):
+        results[name] = time_policy(name, a.replicas, a.decisions)
+        r = results[name]
+        print(f"{name:14s} p50 {r['p50_us']:7.1f} us  p99 {r['p99_us']:7.1f} us  max {r['max_us']:8.1f} us", flush=True)
+    if a.out:
+        with open(a.out, "w") as fh:
+            json.dump({"config": {"replicas": a.replicas, "decisions": a.decisions, "python": sys.version.split()[0]},
+                       "results": results}, fh, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,75 @@
+"""Pythia's replica score (mechanisms 2 and 3): expected KV headroom, queue depth, prefix affinity.
+
+One pass over the candidates computes all three, already weighted, because a decision over a
+64-replica cluster must cost under 50 us (see docs/benchmarks.md); each part can be switched off
+for ablation.
+
+* headroom: fraction of the KV cache still free once the calls running there *and this one* reach
+  their expected lengths (`reserved_kv_expected_tokens`, or the scraped usage if higher). Unlike
+  llm-d's kv-cache-utilization scorer (the last scrape, i.e. the past) it counts what admitted calls
+  will still need, from the predictor's output lengths. Unknown capacity: 1 - scraped usage.
+* queue: 1 for the emptiest candidate, 0 for the fullest (gateway in-flight vs engine running, plus waiting).
+* prefix: matched leading blocks / prompt blocks in the gateway's prefix index
+  (`RoutingState.prefix_index`, sized from scraped KV capacity and reconciled from the scraped
+  `vllm:prefix_cache_*` hit rate, see pools.routing.reconcile).
+"""
+
+from __future__ import annotations
+
+from pools.routing.base import RoutingContext
+from pools.routing.kv import call_kv_expected
+from pools.types import ReplicaState
+
+
+class PythiaPlacementScorer:
+    """queue_weight * queue + headroom_weight * headroom + prefix_weight * prefix match, per candidate."""
+
+    name = "pythia-placement"
+
+    def __init__(
+        self, queue_weight: float = 1.0, headroom_weight: float = 1.0, prefix_weight: float = 0.3
+    ) -> None:
+        self.queue_weight = queue_weight
+        self.headroom_weight = headroom_weight
+        self.prefix_weight = prefix_weight
+
+    def score(self, ctx: RoutingContext, candidates: list[ReplicaState]) -> list[float]:
+        # list comprehensions, one per signal: the fastest shape CPython offers for these loops
+        stash = ctx.kv_free if ctx.kv_free is not None and ctx.kv_free[0] is candidates else None
+        if stash is not None:
+            free, loads = stash[1], stash[2]
+        else:
+            loads = [max(r.inflight, r.num_running) + r.num_waiting for r in candidates]
+            free = self._free(ctx, candidates) if self.headroom_weight else []
+        lo, hi = min(loads), max(loads)
+        qw, hw, pw = self.queue_weight, self.headroom_weight, self.prefix_weight
+        k = qw / (hi - lo) if hi > lo else 0.0
+        base = 0.0 if hi > lo else qw
+        if hw:
+            out = [base + (hi - x) * k + hw * (f if f < 1.0 else 1.0) for x, f in zip(loads, free, strict=True)]
+        else:
+            out = [base + (hi - x) * k for x in loads]
+        total = len(ctx.features.prefix_hashes)
+        if pw and total:
+            matched = ctx.matched_blocks()
+            if matched:
+                k = pw / total
+                get = matched.get
+                out = [s + get(r.url, 0) * k for s, r in zip(out, candidates, strict=True)]
+        return out
+
+    @staticmethod
+    def _free(ctx: RoutingContext, candidates: list[ReplicaState]) -> list[float]:
+        """Expected free KV fraction after this call (what the KV-capacity filter stashes when it runs)."""
+        need = call_kv_expected(ctx)
+        out: list[float] = []
+        for r in candidates:
+            cap = r.kv_capacity_tokens
+            if cap <= 0:
+                out.append(1.0 - r.kv_usage)
+                continue
+            scraped = r.kv_usage * cap
+            used = r.reserved_kv_expected_tokens or r.reserved_kv_tokens
+            f = (cap - (scraped if scraped > used else used) - need) / cap
+            out.append(f if f > 0.0 else 0.0)
+        return out
