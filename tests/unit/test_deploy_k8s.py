@@ -133,14 +133,14 @@ def _smp(base: Any, patch: Any) -> Any:
     if isinstance(base, list) and isinstance(patch, list) and _named(base) and _named(patch):
         if any(p.get("$patch") == "replace" for p in patch):
             return [p for p in patch if p.get("$patch") != "replace"]
-        out = list(base)
+        merged = list(base)
         for item in patch:
-            idx = next((i for i, b in enumerate(out) if b["name"] == item["name"]), None)
+            idx = next((i for i, b in enumerate(merged) if b["name"] == item["name"]), None)
             if idx is None:
-                out.append(copy.deepcopy(item))
+                merged.append(copy.deepcopy(item))
             else:
-                out[idx] = _smp(out[idx], item)
-        return out
+                merged[idx] = _smp(merged[idx], item)
+        return merged
     return copy.deepcopy(patch)
 
 
