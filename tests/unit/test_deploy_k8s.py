@@ -14,7 +14,8 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from gateway.discovery import parse_pool_selectors
+from gateway.discovery import DiscoverySettings, parse_pool_selectors
+from gateway.settings import Settings
 
 K8S = Path(__file__).resolve().parents[2] / "deploy" / "k8s"
 Doc = dict[str, Any]
@@ -349,9 +350,13 @@ def test_gateway_deployment(rendered: tuple[str, list[Doc]]) -> None:
     # every PYTHIA_* setting comes from the ConfigMap, which must exist
     (source,) = container["envFrom"]
     config = one(docs, "ConfigMap", source["configMapRef"]["name"])
-    assert all(k.startswith("PYTHIA_") for k in config["data"])
+    known = {f"PYTHIA_{n.upper()}" for n in (*Settings.model_fields, *DiscoverySettings.model_fields)}
+    assert set(config["data"]) <= known, f"unknown settings: {set(config['data']) - known}"
     port = next(p["containerPort"] for p in container["ports"] if p["name"] == "http")
     assert config["data"]["PYTHIA_PORT"] == str(port)
+    # SIGTERM drain fits: preStop sleep + the gateway's own grace < the kubelet's kill deadline
+    pre_stop = int(container["lifecycle"]["preStop"]["exec"]["command"][-1])
+    assert pre_stop + float(config["data"]["PYTHIA_SHUTDOWN_GRACE_S"]) < spec["terminationGracePeriodSeconds"]
     redis_host = config["data"]["PYTHIA_REDIS_URL"].split("//")[1].split(":")[0]
     one(docs, "Service", redis_host)
     # discovery needs a service account allowed to list and watch EndpointSlices
