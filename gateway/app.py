@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import orjson
 from aiohttp import web
 
@@ -9,7 +11,7 @@ from gateway.errors import error_response
 from gateway.metrics import GatewayMetrics, render
 from gateway.prediction import PredictorLike, make_gateway_predictor
 from gateway.proxy import Gateway
-from gateway.settings import Settings
+from gateway.settings import Settings, read_pool_entries
 from gateway.tracing import Tracing
 from pools.types import PoolConfig
 
@@ -23,15 +25,19 @@ def build_app(
     predictor: PredictorLike | None = None,
     metrics: GatewayMetrics | None = None,
     worker_index: int = 0,
+    tracer: Any = None,
 ) -> web.Application:
-    """An application serving the OpenAI API through a `Gateway` (reachable as app[GATEWAY_KEY])."""
-    tracing = Tracing(settings.otel_endpoint, settings.otel_service_name)
+    """An application serving the OpenAI API through a `Gateway` (reachable as app[GATEWAY_KEY]).
+
+    `tracer` overrides the OTLP tracer made from the settings (tests pass an in-memory one).
+    """
+    tracing = Tracing("" if tracer is not None else settings.otel_endpoint, settings.otel_service_name)
     gw = Gateway(
         settings,
         pools,
         predictor if predictor is not None else make_gateway_predictor(settings),
         metrics,
-        tracing.tracer,
+        tracer if tracer is not None else tracing.tracer,
         worker_index,
     )
     # aiohttp enforces the body limit while reading; +1 so that exactly the limit is still accepted
@@ -70,13 +76,43 @@ def build_app(
     app.router.add_get("/pythia/apps/{app}/model", app_model)
     app.router.add_route("*", "/v1/{tail:.*}", gw.passthrough)
 
+    discovery = _make_discovery(settings, gw)
+
     async def on_startup(app: web.Application) -> None:
         await gw.start()
+        if discovery is not None:
+            await discovery.start()  # waits (bounded) for the first list; keeps watching after
+            gw.set_replicas(discovery.current())
 
     async def on_cleanup(app: web.Application) -> None:
+        if discovery is not None:
+            await discovery.stop()
         await gw.stop()
         tracing.shutdown()
 
     app.on_startup.append(on_startup)
     app.on_cleanup.append(on_cleanup)
     return app
+
+
+def _make_discovery(settings: Settings, gw: Gateway) -> Any:
+    """A Kubernetes EndpointSlice watcher feeding gw.set_replicas, when PYTHIA_DISCOVERY=k8s."""
+    if settings.discovery != "k8s":
+        return None
+    from gateway.discovery import DiscoverySettings, K8sDiscovery, parse_pool_selectors
+
+    ds = DiscoverySettings(
+        discovery="k8s",
+        k8s_namespace=settings.k8s_namespace,
+        k8s_api_url=settings.k8s_api_url,
+        k8s_token_file=settings.k8s_token_file,
+        k8s_ca_file=settings.k8s_ca_file,
+        k8s_watch_timeout_s=settings.k8s_watch_timeout_s,
+    )
+    api = ds.api_config()
+    selectors = parse_pool_selectors(read_pool_entries(settings.pools), api.namespace)
+
+    def on_change(snapshot: dict[str, list[str]]) -> None:
+        gw.set_replicas(snapshot)
+
+    return K8sDiscovery(selectors, api, on_change=on_change, watch_timeout_s=settings.k8s_watch_timeout_s)

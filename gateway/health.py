@@ -45,7 +45,7 @@ class ReplicaMonitor:
         self.timeout_s = timeout_s
         self.unhealthy_after = unhealthy_after
         self.scrape_interval_s = scrape_interval_s
-        self._tasks: list[asyncio.Task[None]] = []
+        self._tasks: dict[str, tuple[asyncio.Task[None], asyncio.Task[None]]] = {}
         self._session: aiohttp.ClientSession | None = None
 
     def replicas(self) -> list[ReplicaState]:
@@ -78,16 +78,30 @@ class ReplicaMonitor:
             connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=30.0),
             timeout=aiohttp.ClientTimeout(total=self.timeout_s),
         )
-        for r in self.replicas():
+        self.sync()
+
+    def sync(self) -> None:
+        """Watch exactly the replicas now in the view (call after the replica set changed)."""
+        current = {r.url: r for r in self.replicas()}
+        for url in list(self._tasks):
+            if url not in current:
+                for t in self._tasks.pop(url):
+                    t.cancel()
+        for url, r in current.items():
+            if url in self._tasks:
+                continue
             if self.metrics is not None:
                 self.metrics.set_healthy(r.pool, r.url, r.healthy)
-            self._tasks.append(asyncio.create_task(self._health_loop(r), name=f"health {r.url}"))
-            self._tasks.append(asyncio.create_task(self._scrape_loop(r), name=f"scrape {r.url}"))
+            self._tasks[url] = (
+                asyncio.create_task(self._health_loop(r), name=f"health {url}"),
+                asyncio.create_task(self._scrape_loop(r), name=f"scrape {url}"),
+            )
 
     async def stop(self) -> None:
-        for t in self._tasks:
+        tasks = [t for pair in self._tasks.values() for t in pair]
+        for t in tasks:
             t.cancel()
-        for t in self._tasks:
+        for t in tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await t
         self._tasks.clear()

@@ -12,7 +12,7 @@ import contextlib
 import logging
 import re
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 import aiohttp
@@ -166,6 +166,21 @@ class Gateway:
         if self.session is not None:
             await self.session.close()
             self.session = None
+
+    def set_replicas(self, urls_by_pool: Mapping[str, Sequence[str]]) -> bool:
+        """Replace the replica lists of the named pools (discovery); survivors keep their state."""
+        from gateway.discovery.reconcile import apply_discovered
+
+        if not apply_discovered(self.view, urls_by_pool):
+            return False
+        gone = set(self.replicas)
+        self.replicas = {r.url: r for p in self.view.pools for r in p.replicas}
+        for url in gone - set(self.replicas):
+            self.routing_state.prefix_index.forget(url)
+        if self.session is not None:  # started: watch the new set
+            self.monitor.sync()
+        log.info("replicas changed", extra={"pools": {p.name: len(p.replicas) for p in self.view.pools}})
+        return True
 
     def ready(self) -> bool:
         """At least one replica is healthy."""

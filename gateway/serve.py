@@ -139,7 +139,7 @@ def main(argv: list[str]) -> int:
     """Entry point of `pythia serve`; returns the process exit status."""
     try:
         settings = parse_settings(argv)
-        pools = load_pools(settings.pools)
+        pools = load_pools(settings.pools, settings.discovery)
         from pools.routing import make_policy
 
         make_policy(settings.policy)

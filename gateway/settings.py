@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from pools.types import PoolConfig
@@ -53,6 +53,12 @@ class Settings(BaseSettings):
     otel_endpoint: str = Field("", description="OTLP/HTTP traces endpoint; empty = tracing off")
     otel_service_name: str = Field("pythia-gateway", description="service.name of exported spans")
     metrics_dir: str = Field("", description="prometheus multiprocess dir; empty = a fresh temp dir")
+    discovery: str = Field("static", description="replicas from PYTHIA_POOLS (static) or Kubernetes EndpointSlices (k8s)")
+    k8s_namespace: str = Field("", description="namespace of pools' Services; empty = the pod's own")
+    k8s_api_url: str = Field("", description="Kubernetes API URL; empty = in-cluster")
+    k8s_token_file: str = Field("", description="API bearer token file; empty = the service account's")
+    k8s_ca_file: str = Field("", description="API CA bundle; empty = the service account's")
+    k8s_watch_timeout_s: int = Field(240, gt=0, description="server-side EndpointSlice watch timeout")
 
     @field_validator("log_level")
     @classmethod
@@ -62,14 +68,24 @@ class Settings(BaseSettings):
             raise ValueError("log level must be DEBUG, INFO, WARNING, ERROR or CRITICAL")
         return v
 
+    @field_validator("discovery")
+    @classmethod
+    def _discovery(cls, v: str) -> str:
+        if v not in ("static", "k8s"):
+            raise ValueError("discovery must be 'static' or 'k8s'")
+        return v
+
 
 class PoolSpec(BaseModel):
-    """One pool as written in PYTHIA_POOLS."""
+    """One pool as written in PYTHIA_POOLS: static `replicas`, or a Kubernetes `selector` (+ namespace/port/scheme)."""
+
+    model_config = ConfigDict(extra="allow")
 
     name: str = Field(min_length=1)
     max_context_tokens: int = Field(gt=0)
     models: list[str] = Field(min_length=1)
-    replicas: list[str] = Field(min_length=1)
+    replicas: list[str] = Field(default_factory=list)
+    selector: str | None = None
 
     @field_validator("replicas")
     @classmethod
@@ -86,8 +102,36 @@ class ConfigError(ValueError):
     """The configuration cannot be used; the message says why."""
 
 
-def load_pools(spec: str) -> list[PoolConfig]:
+def load_pools(spec: str, discovery: str = "static") -> list[PoolConfig]:
     """Pools from JSON text or from a YAML/JSON file path; a list, or {"pools": [...]}."""
+    specs = [_validate(p, discovery) for p in read_pool_entries(spec)]
+    seen_names: set[str] = set()
+    seen_urls: set[str] = set()
+    for s in specs:
+        if s.name in seen_names:
+            raise ConfigError(f"duplicate pool name {s.name!r}")
+        seen_names.add(s.name)
+        for u in s.replicas:
+            if u in seen_urls:
+                raise ConfigError(f"replica {u} is listed twice; each replica belongs to one pool")
+            seen_urls.add(u)
+    return [PoolConfig(s.name, s.max_context_tokens, tuple(s.models), tuple(s.replicas)) for s in specs]
+
+
+def _validate(entry: Any, discovery: str) -> PoolSpec:
+    try:
+        s = PoolSpec.model_validate(entry)
+    except ValidationError as e:
+        raise ConfigError(f"invalid pool: {e}") from None
+    if s.selector is None and not s.replicas:
+        raise ConfigError(f"pool {s.name!r} needs `replicas` (or a `selector` with PYTHIA_DISCOVERY=k8s)")
+    if s.selector is not None and discovery != "k8s":
+        raise ConfigError(f"pool {s.name!r} has a `selector`: set PYTHIA_DISCOVERY=k8s")
+    return s
+
+
+def read_pool_entries(spec: str) -> list[dict[str, Any]]:
+    """The raw pool objects of PYTHIA_POOLS (inline JSON or a file), not yet validated."""
     text = spec.strip()
     if not text:
         raise ConfigError("no pools configured: set PYTHIA_POOLS (JSON or a path to a YAML/JSON file)")
@@ -108,23 +152,9 @@ def load_pools(spec: str) -> list[PoolConfig]:
             raise ConfigError(f"cannot parse {text}: {e}") from None
     if isinstance(data, dict):
         data = data.get("pools")
-    if not isinstance(data, list) or not data:
-        raise ConfigError("pools must be a non-empty list (or an object with a 'pools' list)")
-    try:
-        specs = [PoolSpec.model_validate(p) for p in data]
-    except ValidationError as e:
-        raise ConfigError(f"invalid pool: {e}") from None
-    seen_names: set[str] = set()
-    seen_urls: set[str] = set()
-    for s in specs:
-        if s.name in seen_names:
-            raise ConfigError(f"duplicate pool name {s.name!r}")
-        seen_names.add(s.name)
-        for u in s.replicas:
-            if u in seen_urls:
-                raise ConfigError(f"replica {u} is listed twice; each replica belongs to one pool")
-            seen_urls.add(u)
-    return [PoolConfig(s.name, s.max_context_tokens, tuple(s.models), tuple(s.replicas)) for s in specs]
+    if not isinstance(data, list) or not data or not all(isinstance(p, dict) for p in data):
+        raise ConfigError("pools must be a non-empty list of objects (or an object with a 'pools' list)")
+    return data
 
 
 def _flag(name: str) -> str:

@@ -80,3 +80,13 @@ def test_serve_rejects_bad_config_with_status_2(capsys: pytest.CaptureFixture[st
     assert main(["--pools", json.dumps(POOLS), "--workers", "2", "--port", "0"]) == 2
     assert main(["--pools", json.dumps(POOLS), "--log-level", "loud"]) == 2
     assert "unknown policy" in capsys.readouterr().err
+
+
+def test_selector_pools_need_k8s_discovery() -> None:
+    sel = [{"name": "short", "max_context_tokens": 8192, "models": ["m"], "selector": "app=vllm"}]
+    with pytest.raises(ConfigError, match="PYTHIA_DISCOVERY=k8s"):
+        load_pools(json.dumps(sel))
+    (pool,) = load_pools(json.dumps(sel), discovery="k8s")
+    assert pool.replicas == ()
+    with pytest.raises(ConfigError, match="needs `replicas`"):
+        load_pools(json.dumps([{**sel[0], "selector": None}]), discovery="k8s")
