@@ -7,6 +7,8 @@ into the store (Redis) through a queue that a background task flushes.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import math
 import time
@@ -33,7 +35,7 @@ BLOCK_CHARS = 256  # pools.prefix_hash.DEFAULT_BLOCK_CHARS (predictor does not i
 class StateView:
     """Predictions for one (role, k) state, cached until the model has moved on."""
 
-    version: int
+    version: int  # role updates when computed
     support: float
     next_roles: tuple[NextRole, ...]
     top: str  # most likely next role, or END
@@ -43,13 +45,15 @@ class StateView:
     remaining_out_bound: int
     growth_bound: int
     remaining_support: float
+    generation: int = 0
 
 
 @dataclass(slots=True)
 class RoleView:
     """Per-role predictions, cached like StateView."""
 
-    version: int
+    version: int  # role updates when computed
+    generation: int
     calls: float
     out_mean: float
     out_bound: int
@@ -71,9 +75,12 @@ class Predictor:
         self._state_views: dict[tuple[str, str, int], StateView] = {}
         self._role_views: dict[tuple[str, str], RoleView] = {}
         self._seq = 0
+        self._preds_cache: dict[tuple[str, str], tuple[tuple[int, int], frozenset[str]]] = {}
         self.counters: dict[str, int] = {"predict": 0, "observe": 0, "errors": 0, "linked_prefix": 0,
-                                         "linked_automaton": 0, "new_untagged": 0, "finished": 0}
+                                         "linked_automaton": 0, "linked_content": 0, "new_untagged": 0, "finished": 0}
         self._last_error_log = 0.0
+        self._ticker: asyncio.Task[None] | None = None
+        self._last_tick = -math.inf
 
     # ------------------------------------------------------------------ public API
 
@@ -95,12 +102,27 @@ class Predictor:
             self._error("observe")
 
     async def start(self) -> None:
-        """Start the store's background work (flush and snapshot refresh for Redis)."""
+        """Start background work: ending idle workflows (monotonic clock) and the store's flush/refresh."""
         await self.store.start(self)
+        if self._ticker is None:
+            self._ticker = asyncio.create_task(self._tick_loop(), name="pythia-predictor-tick")
 
     async def stop(self) -> None:
-        """Flush what is queued and stop background work."""
+        """Stop background work and flush what is queued."""
+        if self._ticker is not None:
+            self._ticker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._ticker
+            self._ticker = None
         await self.store.stop()
+
+    async def _tick_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.tick_interval_s)
+            try:
+                self.tick(time.monotonic())
+            except Exception:
+                self._error("tick")
 
     def apps(self) -> list[str]:
         """Apps with a learned model."""
@@ -121,8 +143,32 @@ class Predictor:
         out.update(self.store.stats())
         return out
 
+    def tick(self, now: float) -> int:
+        """Background upkeep at time `now`: end idle workflows and recompute cached predictions the
+        model has moved past. The started predictor runs it every `tick_interval_s`; a virtual-time
+        caller runs it as its clock advances. Returns how many workflows ended."""
+        n = self.end_workflows(now)
+        self.refresh_views()
+        return n
+
+    def refresh_views(self) -> None:
+        """Recompute the cached per-role and per-state predictions that are stale (off the hot path)."""
+        for key, rv in list(self._role_views.items()):
+            model = self.models.get(key[0])
+            if model is not None and not self._fresh(rv.version, rv.generation, model, _updates(model, key[1])):
+                self._role_views[key] = self._compute_role_view(model, key[1])
+        for skey, sv in list(self._state_views.items()):
+            model = self.models.get(skey[0])
+            if model is not None:
+                upd = _updates(model, skey[1])
+                if not self._fresh(sv.version, sv.generation, model, upd):
+                    v = self._compute_state_view(model, skey[1], skey[2])
+                    v.version = upd
+                    self._state_views[skey] = v
+
     def end_workflows(self, now: float) -> int:
-        """End every workflow idle for `workflow_idle_s` at time `now` (normally done as calls arrive)."""
+        """End every workflow idle for `workflow_idle_s` at time `now`. Returns how many ended."""
+        self._last_tick = now
         n = 0
         while True:
             done = self.live.expired(now, self.settings.workflow_idle_s, limit=1000)
@@ -147,7 +193,7 @@ class Predictor:
         if old is not None:
             for role, text in old.texts.items():
                 model.texts.setdefault(role, text)
-            model.version = old.version + 1_000_000  # every cached view of this app is now stale
+            model.generation = old.generation + 1  # every cached view of this app is now stale
         self.models[app] = model
         for fp, roles in model.fp_roles.items():
             self._index_fingerprint(app, fp, roles)
@@ -197,9 +243,6 @@ class Predictor:
     # ------------------------------------------------------------------ prediction
 
     def _predict(self, tags: Tags, f: RequestFeatures, now: float) -> Prediction:
-        s = self.settings
-        for wf_done in self.live.expired(now, s.workflow_idle_s):
-            self._finish(wf_done)
         app, role, role_inferred = self._resolve_role(tags, f)
         model = self.models.get(app)
         if model is None:
@@ -232,8 +275,13 @@ class Predictor:
         wf.call_steps.append(len(wf.steps) - 1)
         wf.in_flight += 1
         self.live.touch(wf, now)
-        if f.prefix_hashes:
-            self.live.set_prompt(wf, f.prefix_hashes, _system_blocks(f))
+        if linked:  # index untagged prompts so the calls that continue them can be linked
+            if f.prefix_hashes:
+                self.live.set_prompt(wf, f.prefix_hashes, _system_blocks(f))
+            if f.content_hashes:
+                self.live.set_content(wf, f.content_hashes)
+        else:
+            wf.last_hashes = f.prefix_hashes
         if f.messages:
             wf.last_messages = f.messages
         wf.peak_context = max(wf.peak_context, f.prompt_tokens)
@@ -301,32 +349,40 @@ class Predictor:
     def _cold(self, model: AppModel) -> bool:
         return model.workflows_finished < self.settings.min_workflows
 
+    def _fresh(self, at: int, gen: int, model: AppModel, updates: int) -> bool:
+        """A cached view stays until its role has had 5% more updates (every update while it is young)."""
+        return gen == model.generation and updates - at < max(1, updates // 20)
+
     def _role_view(self, model: AppModel, role: str) -> RoleView:
+        """Cached per-role predictions: computed on first use; a stale one is served (and the tick
+        recomputes it) unless the role is young, when every update counts."""
         key = (model.app, role)
         v = self._role_views.get(key)
-        if v is not None and (v.version == model.version or (
-                model.version - v.version < self.settings.view_refresh_updates and v.calls >= 32)):
+        if v is not None and (v.calls >= 64 or self._fresh(v.version, v.generation, model, _updates(model, role))):
             return v
-        r = model.roles.get(role)
-        if r is None:
-            v = RoleView(model.version, 0.0, 0.0, 0, 1.0, (), 0.0)
-        else:
-            fps = r.fingerprints
-            fp_total = sum(fps.values())
-            n = sum(r.fanout.values())
-            dist = tuple(sorted((w, c / n) for w, c in r.fanout.items())) if n > 0 else ()
-            v = RoleView(model.version, r.calls, r.output.mean, r.output.quantile(self.settings.bound_quantile),
-                         r.fanout_mean(), dist, max(fps.values()) / fp_total if fp_total > 0 else 0.0)
-        self._role_views[key] = v
+        v = self._role_views[key] = self._compute_role_view(model, role)
         return v
 
+    def _compute_role_view(self, model: AppModel, role: str) -> RoleView:
+        r = model.roles.get(role)
+        upd = r.updates if r is not None else 0
+        if r is None:
+            return RoleView(upd, model.generation, 0.0, 0.0, 0, 1.0, (), 0.0)
+        fps = r.fingerprints
+        fp_total = sum(fps.values())
+        n = sum(r.fanout.values())
+        dist = tuple(sorted((w, c / n) for w, c in r.fanout.items())) if n > 0 else ()
+        return RoleView(upd, model.generation, r.calls, r.output.mean, r.output.quantile(self.settings.bound_quantile),
+                        r.fanout_mean(), dist, max(fps.values()) / fp_total if fp_total > 0 else 0.0)
+
     def _state_view(self, model: AppModel, role: str, k: int) -> StateView:
+        """Cached per-state predictions, refreshed like `_role_view`."""
         key = (model.app, role, k)
         v = self._state_views.get(key)
-        if v is not None and (v.version == model.version or (
-                model.version - v.version < self.settings.view_refresh_updates and v.support >= 32)):
+        if v is not None and (v.support >= 64 or self._fresh(v.version, v.generation, model, _updates(model, role))):
             return v
         v = self._compute_state_view(model, role, k)
+        v.version = _updates(model, role)
         self._state_views[key] = v
         return v
 
@@ -356,8 +412,8 @@ class Predictor:
             rem_mean, rem_bound = rem_sk.mean, rem_sk.quantile(q)
         else:
             rem_mean, rem_bound = max(0.0, model.lengths.mean - 1.0), model.lengths.quantile(q)
-        return StateView(model.version, support, next_roles, top, rem_mean, rem_bound,
-                         out_sk.mean, out_sk.quantile(q), gr_sk.quantile(q), rem_sk.total)
+        return StateView(0, support, next_roles, top, rem_mean, rem_bound,
+                         out_sk.mean, out_sk.quantile(q), gr_sk.quantile(q), rem_sk.total, model.generation)
 
     # ------------------------------------------------------------------ untagged traffic
 
@@ -389,6 +445,11 @@ class Predictor:
         if wid and self.live.get(app, wid) is not None:
             self.counters["linked_prefix"] += 1
             return wid, True
+        if f.content_hashes:  # the same task text behind another role's system prompt
+            wid, _blocks = self.live.longest_content(app, f.content_hashes)
+            if wid and self.live.get(app, wid) is not None:
+                self.counters["linked_content"] += 1
+                return wid, True
         # no prompt continues: the workflow whose automaton expects this role now, most recent first
         best: LiveWorkflow | None = None
         best_score = s.link_min_prob
@@ -397,14 +458,20 @@ class Predictor:
         started = model.workflows_started
         if r is not None and started > 0:
             start_p = r.starts / started
+        preds = self._predecessors(model, role)
         for wf in self.live.recent(app, s.link_scan):
             if not wf.steps:
                 continue
             cur = wf.steps[-1]
-            if self._is_sibling(wf, cur, role, f, now, need_evidence=True):
-                score = self._p_wider(model, role, cur.width)  # a sibling of a running fan-out
-            elif cur.observed < cur.width:
-                continue  # its step is still running: its next step has not started
+            if cur.role == role:
+                if self._is_sibling(wf, cur, role, f, now, need_evidence=True):
+                    score = self._p_wider(model, role, cur.width)  # a sibling of a running fan-out
+                elif cur.observed < cur.width or role not in preds:
+                    continue
+                else:
+                    score = self._p_next(model, cur.role, cur.k, role)
+            elif cur.role not in preds or cur.observed < cur.width:
+                continue  # never leads to this role, or its step is still running
             else:
                 score = self._p_next(model, cur.role, cur.k, role)
             if score > best_score:
@@ -439,6 +506,24 @@ class Predictor:
             return False
         return cur.observed < cur.width or now - cur.started <= self.settings.fanout_window_s
 
+    def _predecessors(self, model: AppModel, role: str) -> frozenset[str]:
+        """Roles whose steps lead to `role` often enough to be predicted, and whose prompt it does not
+        continue (a continuing call would have been linked by its prompt already)."""
+        key = (model.app, role)
+        gen = (model.generation, model.version // 256)  # refreshed as the model grows
+        hit = self._preds_cache.get(key)
+        if hit is not None and hit[0] == gen:
+            return hit[1]
+        out = set()
+        for src, trans in model.role_trans.items():
+            total = sum(trans.values())
+            c = trans.get(role, 0.0)
+            if total > 0 and c / total >= self.settings.prune_share and model.role(src).carry(role) < 0.5:
+                out.add(src)
+        fs = frozenset(out)
+        self._preds_cache[key] = (gen, fs)
+        return fs
+
     def _p_next(self, model: AppModel, role: str, k: int, nxt: str) -> float:
         for n in self._state_view(model, role, k).next_roles:
             if n.role == nxt:
@@ -464,6 +549,10 @@ class Predictor:
         self.store.record(model.app, key, delta)
 
     def _observe(self, tags: Tags, f: RequestFeatures, pred: Prediction, out: Outcome) -> None:
+        now = out.finished_s or f.arrival_s
+        if now - self._last_tick > 2 * self.settings.tick_interval_s:  # no background tick: end one here
+            for wf_done in self.live.expired(now, self.settings.workflow_idle_s, limit=1):
+                self._finish(wf_done)
         app = tags.app
         if not app:
             app, _, _ = self._resolve_role(tags, f)
@@ -566,6 +655,11 @@ class Predictor:
                           self.counters["errors"])
 
 
+def _updates(model: AppModel, role: str) -> int:
+    r = model.roles.get(role)
+    return r.updates if r is not None else 0
+
+
 def _reactive(f: RequestFeatures) -> Prediction:
     """A cold prediction from the request alone."""
     cap = f.max_tokens or 0
@@ -585,12 +679,16 @@ def _system_blocks(f: RequestFeatures) -> int:
 
 
 def _common_prefix(a: tuple[int, ...], b: tuple[int, ...]) -> int:
-    n = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        n += 1
-    return n
+    """Leading blocks two chained-hash sequences share: equal hashes at i mean equal prefixes up to i,
+    so a binary search finds the boundary in O(log n)."""
+    lo, hi = 0, min(len(a), len(b))
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if a[mid - 1] == b[mid - 1]:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
 
 
 def _sum_sketches(sketches: list[Any]) -> Any:

@@ -39,6 +39,8 @@ class LiveWorkflow:
     last_context: int = 0  # prompt + output of the latest finished call
     peak_context: int = 0
     out_tokens: int = 0
+    indexed: list[int] = field(default_factory=list)  # block hashes this workflow holds in the link index
+    content_indexed: list[int] = field(default_factory=list)  # ... and in the content index
     merged: bool = False  # earlier steps were adopted from another gateway process (Redis live state)
     call_offset: int = 0  # calls adopted then, which shift the index of calls predicted before the merge
 
@@ -56,6 +58,8 @@ class LiveTable:
         self.flows: OrderedDict[tuple[str, str], LiveWorkflow] = OrderedDict()
         # app -> block hash -> workflow id whose latest prompt contains that block (chained, so position too)
         self.hash_index: dict[str, dict[int, str]] = {}
+        # app -> block hash of prompt content after the system message -> workflow id
+        self.content_index: dict[str, dict[int, str]] = {}
 
     def get(self, app: str, wid: str) -> LiveWorkflow | None:
         """The live workflow, or None."""
@@ -97,26 +101,64 @@ class LiveTable:
                 break
         return out
 
-    def set_prompt(self, wf: LiveWorkflow, hashes: tuple[int, ...], skip: int, stride: int = 4) -> None:
-        """Index the workflow's latest prompt for linking (every `stride`-th block after `skip`, and the last)."""
-        self._unindex(wf)
+    def set_prompt(self, wf: LiveWorkflow, hashes: tuple[int, ...], skip: int, stride: int = 4,
+                   max_indexed: int = 2048) -> None:
+        """Index a prompt of the workflow for linking: later calls may continue any of its prompts
+        (a coder retry continues the coder's prompt, not the tester's in between). Blocks after the
+        system prompt are indexed, every one near the start (where task texts differ), then every
+        `stride`-th, and the last."""
         wf.last_hashes = hashes
         if not hashes:
             return
         idx = self.hash_index.setdefault(wf.app, {})
         n = len(hashes)
-        for i in range(max(skip, 0), n):
-            if i < skip + 16 or i % stride == 0:  # every block near the start, where task texts differ
-                idx[hashes[i]] = wf.wid
-        idx[hashes[n - 1]] = wf.wid
+        new = wf.indexed
+        wid = wf.wid
+        skip = max(skip, 0)
+        dense = min(n, skip + 16)
+        positions = [*range(skip, dense), *range(dense + (-dense) % stride, n, stride)]
+        if n - 1 >= dense:
+            positions.append(n - 1)
+        get = idx.get
+        for i in positions:
+            h = hashes[i]
+            if get(h) != wid:
+                idx[h] = wid
+                new.append(h)
+        if len(new) > max_indexed:  # a very long workflow: forget its oldest prompts
+            old = new[: len(new) // 2]
+            del new[: len(new) // 2]
+            for h in old:
+                if idx.get(h) == wid:
+                    del idx[h]
+
+    def set_content(self, wf: LiveWorkflow, hashes: tuple[int, ...], blocks: int = 4) -> None:
+        """Index the first blocks of a prompt's content after its system message (its task text)."""
+        idx = self.content_index.setdefault(wf.app, {})
+        for h in hashes[:blocks]:
+            if idx.get(h) != wf.wid:
+                idx[h] = wf.wid
+                wf.content_indexed.append(h)
+
+    def longest_content(self, app: str, hashes: tuple[int, ...], blocks: int = 4) -> tuple[str, int]:
+        """The live workflow whose prompts' content starts like this one's: (id, blocks shared) or ("", 0)."""
+        idx = self.content_index.get(app)
+        if not idx:
+            return "", 0
+        for i in range(min(len(hashes), blocks) - 1, -1, -1):
+            wid = idx.get(hashes[i])
+            if wid is not None:
+                return wid, i + 1
+        return "", 0
 
     def _unindex(self, wf: LiveWorkflow) -> None:
-        idx = self.hash_index.get(wf.app)
-        if not idx or not wf.last_hashes:
-            return
-        for h in wf.last_hashes:
-            if idx.get(h) == wf.wid:
-                del idx[h]
+        for index, hashes in ((self.hash_index, wf.indexed), (self.content_index, wf.content_indexed)):
+            idx = index.get(wf.app)
+            if idx:
+                for h in hashes:
+                    if idx.get(h) == wf.wid:
+                        del idx[h]
+            hashes.clear()
 
     def longest_prefix(self, app: str, hashes: tuple[int, ...], min_blocks: int) -> tuple[str, int]:
         """The live workflow whose latest prompt shares the longest block prefix with `hashes`.

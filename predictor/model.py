@@ -48,6 +48,7 @@ class StateStats:
     remaining: LogSketch = field(default_factory=LogSketch)  # calls after the step
     remaining_out: LogSketch = field(default_factory=LogSketch)  # output tokens after the step
     growth: LogSketch = field(default_factory=LogSketch)  # peak context - this step's prompt
+    updates: int = 0  # counter updates applied (cached predictions refresh from it)
 
 
 @dataclass(slots=True)
@@ -65,6 +66,7 @@ class RoleStats:
     carry_n: dict[str, float] = field(default_factory=dict)
     context_sum: float = 0.0
     context_n: float = 0.0
+    updates: int = 0  # counter updates of this role or any of its states (cached predictions refresh from it)
 
     def fanout_mean(self) -> float:
         """Mean parallel width of this role's steps (1 when unknown)."""
@@ -90,7 +92,8 @@ class AppModel:
     role_trans: dict[str, dict[str, float]] = field(default_factory=dict)
     lengths: LogSketch = field(default_factory=LogSketch)  # calls per finished workflow
     fp_roles: dict[str, dict[str, float]] = field(default_factory=dict)  # fingerprint -> role -> calls
-    version: int = 0  # bumped on every applied counter; views recompute from it
+    version: int = 0  # bumped on every applied counter
+    generation: int = 0  # a new model object (snapshot reload) gets a new one; cached views key on it
 
     @property
     def workflows_finished(self) -> float:
@@ -122,9 +125,12 @@ class AppModel:
         self.version += 1
         p = key.split("|")
         kind = p[0]
+        if len(p) > 1 and kind not in ("L", "LS"):
+            self.role(p[1]).updates += 1
         try:
             if kind == "T":
                 st = self.state(p[1], int(p[2]))
+                st.updates += 1
                 st.trans[p[3]] = st.trans.get(p[3], 0.0) + delta
                 rt = self.role_trans.setdefault(p[1], {})
                 rt[p[3]] = rt.get(p[3], 0.0) + delta

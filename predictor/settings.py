@@ -17,7 +17,8 @@ class PredictorSettings:
     fanout_window_s: float = 0.5  # same-role calls this close together are one parallel step
     sibling_window_s: float = 30.0  # ... or this close, when their prompts share the task context
     max_live_workflows: int = 100_000
-    link_scan: int = 64  # recent workflows considered when linking an untagged call by the automaton
+    link_scan: int = 32  # recent workflows considered when linking an untagged call by the automaton
+    tick_interval_s: float = 1.0  # how often the background task ends idle workflows
     link_min_prob: float = 0.05  # a workflow must expect the call's role at least this much to claim it
     view_refresh_updates: int = 16  # counter updates after which a cached per-state view is recomputed
     # Redis store

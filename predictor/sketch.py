@@ -3,7 +3,7 @@
 Buckets are the same in every process, so two sketches merge by adding counts, and
 a sketch is stored in Redis as one counter per non-empty bucket (HINCRBYFLOAT).
 Bucket i >= 1 holds values in [GAMMA**(i-1), GAMMA**i); bucket 0 holds values below 1.
-With GAMMA = 1.1 a quantile is overestimated by at most 10%, which errs on the safe
+With GAMMA = 1.05 a quantile is overestimated by at most 5%, which errs on the safe
 side for a bound, and small integers (step counts) get a bucket of their own.
 """
 
@@ -12,9 +12,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-GAMMA = 1.1
+GAMMA = 1.05
 _LOG_GAMMA = math.log(GAMMA)
-MAX_BUCKET = 200  # GAMMA**200 ~ 1.9e8: more than any token count we will see
+MAX_BUCKET = 400  # GAMMA**400 ~ 3e8: more than any token count we will see
 
 
 def bucket_of(x: float) -> int:

@@ -40,6 +40,10 @@ class RequestFeatures:
     # the chat messages as parsed (optional, by reference, not copied): lets the predictor give the
     # next call's predicted prefix as messages (Prediction.next_prefix_messages) for pre-warm
     messages: tuple[dict[str, str], ...] = ()
+    # chained block hashes (as prefix_hashes) of the prompt *after* the system message: calls of
+    # different roles of one workflow share its task text here, behind different system prompts,
+    # which lets the predictor link untagged calls across roles (optional; () = not computed)
+    content_hashes: tuple[int, ...] = ()
 
     @property
     def total_tokens_requested(self) -> int:
