@@ -10,28 +10,17 @@ import asyncio
 import json
 import os
 import sys
-from pathlib import Path
-from typing import Any
-
-import yaml
 
 from gateway.discovery.config import DiscoveryError, DiscoverySettings, parse_pool_selectors
 from gateway.discovery.k8s import K8sDiscovery
-
-
-def load_pools(raw: str) -> list[dict[str, Any]]:
-    """PYTHIA_POOLS as inline JSON or the path of a YAML/JSON file."""
-    text = raw if raw.lstrip().startswith("[") else Path(raw).read_text()
-    pools = yaml.safe_load(text)
-    if not isinstance(pools, list):
-        raise DiscoveryError("PYTHIA_POOLS must be a list of pools")
-    return pools
+from gateway.settings import ConfigError, read_pool_entries
 
 
 async def _watch(once: bool) -> int:
     settings = DiscoverySettings()
     api = settings.api_config()
-    selectors = parse_pool_selectors(load_pools(os.environ.get("PYTHIA_POOLS", "[]")), api.namespace)
+    # PYTHIA_POOLS read exactly as `pythia serve` reads it (inline JSON or a YAML/JSON file)
+    selectors = parse_pool_selectors(read_pool_entries(os.environ.get("PYTHIA_POOLS", "")), api.namespace)
     if not selectors:
         print("no pool in PYTHIA_POOLS has a `selector`", file=sys.stderr)
         return 2
@@ -55,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     try:
         return asyncio.run(_watch(once="--once" in args))
-    except DiscoveryError as exc:
+    except (DiscoveryError, ConfigError) as exc:
         print(f"discovery: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

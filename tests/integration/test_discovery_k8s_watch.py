@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import copy
 import json
+import os
+import sys
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -419,3 +421,21 @@ async def test_unreachable_api_start_returns_unsynced_and_keeps_trying(tmp_path:
         assert d.stats.errors >= 2
     finally:
         await d.stop()
+
+
+async def test_cli_prints_what_discovery_sees(fake_api: tuple[FakeK8s, str], tmp_path: Path) -> None:
+    fake, url = fake_api
+    fake.upsert(make_slice("vllm-short-a", "short", [("10.0.0.1", True), ("10.0.0.2", False)]))
+    token = tmp_path / "token"
+    token.write_text(TOKEN)
+    pools = [{"name": "short", "max_context_tokens": 16384, "models": ["m"], "selector": "pythia.ai/pool=short", "port": "http"},
+             {"name": "static", "max_context_tokens": 8192, "models": ["m"], "replicas": ["http://127.0.0.1:1"]}]
+    env = {**os.environ, "PYTHIA_POOLS": json.dumps(pools), "PYTHIA_K8S_API_URL": url, "PYTHIA_K8S_NAMESPACE": NS,
+           "PYTHIA_K8S_TOKEN_FILE": str(token)}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "gateway.discovery", "--once", env=env,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode == 0, err.decode()
+    assert json.loads(out.decode().strip().splitlines()[-1]) == {"short": ["http://10.0.0.1:8000"]}
