@@ -11,7 +11,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -79,7 +79,7 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
         server.kill()
 
 
-async def wait_until(cond, timeout: float = 10.0) -> None:  # type: ignore[no-untyped-def]
+async def wait_until(cond: Callable[[], bool], timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
     while not cond():
         if time.monotonic() > deadline:
@@ -187,3 +187,29 @@ async def test_redis_killed_and_restarted_under_traffic_never_fails_a_call_and_l
         assert not pr.cold and pr.next_roles[0].role == "searcher"
     finally:
         await p.stop()
+
+
+async def test_pythia_model_show_prints_the_json_model_and_draws_the_automaton(
+        redis_server: RedisServer, tmp_path: Path) -> None:
+    p = make_predictor(redis_server.url, "t4:", **FAST)
+    await p.start()
+    loop = [("planner", 1, 100), ("coder", 1, 300), ("tester", 1, 100), ("coder", 1, 300), ("tester", 1, 100)]
+    for n in range(4):
+        run_workflow(p, "code", f"w{n}", loop, t0=n * 100.0)
+    p.tick(10_000.0)
+    await wait_until(lambda: p.stats()["redis_pending_counters"] == 0)
+    await p.stop()
+    png = tmp_path / "code.png"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    res = subprocess.run([sys.executable, "-m", "gateway.cli", "model", "show", "code", "--png", str(png),
+                          "--redis-url", redis_server.url, "--key-prefix", "t4:"],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    model = json.loads(res.stdout)
+    assert model["workflows_finished"] == 4.0
+    assert model["roles"]["tester"]["transitions"]["coder"]["count"] == 4.0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    missing = subprocess.run([sys.executable, "-m", "gateway.cli", "model", "show", "nope",
+                              "--redis-url", redis_server.url, "--key-prefix", "t4:"],
+                             cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    assert missing.returncode == 1 and "known apps: code" in missing.stderr
