@@ -16,6 +16,7 @@ import yaml
 from dockerfile_parse import DockerfileParser
 
 from gateway.settings import Settings, load_pools
+from pools.sim.cli import build_parser as sim_parser
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -113,7 +114,8 @@ def test_compose_services_reference_each_other() -> None:
             assert host in services, f"{url}: no service {host}"
             cmd = services[host]["command"]
             assert cmd[0] == "sim-engine" and cmd[cmd.index("--port") + 1] == str(port)
-            assert cmd[cmd.index("--host") + 1] == "0.0.0.0"  # reachable from the gateway's container
+            sim = sim_parser().parse_args(cmd[1:])  # the simulated engine accepts these flags
+            assert sim.host == "0.0.0.0" and sim.port == port  # reachable from the gateway's container
             assert services[host]["image"] == gw["image"]
     assert urlparse(env["PYTHIA_REDIS_URL"]).hostname in services
     for dep in gw["depends_on"]:

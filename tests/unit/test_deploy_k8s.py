@@ -16,6 +16,7 @@ import yaml
 
 from gateway.discovery import DiscoverySettings, parse_pool_selectors
 from gateway.settings import Settings
+from pools.sim.cli import build_parser as sim_parser
 
 K8S = Path(__file__).resolve().parents[2] / "deploy" / "k8s"
 Doc = dict[str, Any]
@@ -430,6 +431,8 @@ def test_dev_overlay_runs_simulated_engines_without_gpus() -> None:
         (c,) = pod_spec(dep)["containers"]
         assert c["image"] == "pythia-gateway:dev"
         assert c["args"][0] == "sim-engine" and _flag(c["args"], "--port") == "8000"
+        sim = sim_parser().parse_args(c["args"][1:])  # the simulated engine accepts these flags
+        assert sim.host == "0.0.0.0" and sim.scheduling_policy == "priority"
         assert "volumes" not in pod_spec(dep)
     assert one(docs, "Deployment", "pythia-vllm-short")["spec"]["replicas"] == 2
     assert one(docs, "ConfigMap", "pythia-gateway-config")["data"]["PYTHIA_WORKERS"] == "1"
