@@ -483,7 +483,7 @@ class SimEngine:
                 events.append(RequestEvent(EventKind.FIRST_TOKEN, r.request_id, t, r.cached_tokens, 1))
             else:
                 stats.itl.observe(t - r.last_token_time)
-                if token_events:
+                if token_events and r.num_output < r.target:  # the last token rides on FINISHED
                     events.append(
                         RequestEvent(EventKind.TOKEN, r.request_id, t, r.cached_tokens, r.num_output)
                     )
