@@ -6,6 +6,9 @@ import asyncio
 import copy
 import json
 import os
+import shutil
+import ssl
+import subprocess
 import sys
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -439,3 +442,39 @@ async def test_cli_prints_what_discovery_sees(fake_api: tuple[FakeK8s, str], tmp
     out, err = await asyncio.wait_for(proc.communicate(), 30)
     assert proc.returncode == 0, err.decode()
     assert json.loads(out.decode().strip().splitlines()[-1]) == {"short": ["http://10.0.0.1:8000"]}
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command to make a test certificate")
+async def test_https_api_is_trusted_only_through_the_given_ca(tmp_path: Path) -> None:
+    cert, key = tmp_path / "ca.crt", tmp_path / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
+         "-days", "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
+        check=True, capture_output=True, timeout=60,
+    )
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_ctx.load_cert_chain(cert, key)
+    fake = FakeK8s()
+    fake.upsert(make_slice("vllm-short-a", "short", [("10.0.0.1", True)]))
+    app = web.Application()
+    app.router.add_get("/apis/discovery.k8s.io/v1/namespaces/{ns}/endpointslices", fake.handle)
+    runner = web.AppRunner(app, shutdown_timeout=1)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=server_ctx)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    token = tmp_path / "token"
+    token.write_text(TOKEN)
+    trusted = K8sDiscovery(selectors(), K8sApiConfig(f"https://127.0.0.1:{port}", str(token), str(cert), NS))
+    untrusted = K8sDiscovery(selectors(), K8sApiConfig(f"https://127.0.0.1:{port}", str(token), None, NS),
+                             backoff_initial_s=0.05, backoff_max_s=0.1)
+    try:
+        assert await trusted.start(sync_timeout_s=5)
+        assert trusted.current()["short"] == ["http://10.0.0.1:8000"]
+        assert await untrusted.start(sync_timeout_s=0.5) is False  # system CAs don't know this server
+        assert untrusted.stats.errors >= 1 and untrusted.current()["short"] == []
+    finally:
+        await trusted.stop()
+        await untrusted.stop()
+        fake.drop_watches(abrupt=False)
+        await runner.cleanup()
