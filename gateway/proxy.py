@@ -26,6 +26,15 @@ from gateway.metrics import GatewayMetrics
 from gateway.prediction import PredictorLike
 from gateway.settings import Settings
 from gateway.tags import HEADER_NAMES, TagError, read_tags
+from gateway.upstream import (
+    ConnectFailed,
+    ConnectTimeout,
+    ReadTimeout,
+    ReplicaPool,
+    UpstreamError,
+    UpstreamResponse,
+    request_head,
+)
 from pools.request_features import InvalidRequest, extract_features
 from pools.routing import Decision, Policy, PrewarmAction, RoutingContext, RoutingState, route
 from pools.routing.router import NO_REPLICA_RETRY_AFTER_S
@@ -39,10 +48,12 @@ _DROP_REQUEST_HEADERS = (
     "Host", "Content-Length", "Connection", "Keep-Alive", "Transfer-Encoding", "TE", "Trailer", "Upgrade",
     "Proxy-Connection", "Proxy-Authorization", "Expect", "Accept-Encoding", *HEADER_NAMES.values(),
 )  # fmt: skip
+_DROP_REQUEST_RAW = frozenset(h.lower().encode() for h in (*_DROP_REQUEST_HEADERS, "Content-Type"))
 # response headers not copied back (hop-by-hop or set by our own server)
 _DROP_RESPONSE_HEADERS = frozenset(
     ("content-length", "transfer-encoding", "connection", "keep-alive", "date", "server", "trailer", "upgrade")
 )
+_DROP_RESPONSE_RAW = frozenset(h.encode() for h in _DROP_RESPONSE_HEADERS)
 _USAGE_RE = re.compile(rb'"usage"\s*:\s*(\{(?:[^{}]|\{[^{}]*\})*\})')
 
 # Hook types for the pieces that plug into the hot path (see README "Extending the gateway")
@@ -112,7 +123,8 @@ class Gateway:
             unhealthy_after=settings.unhealthy_after,
             scrape_interval_s=settings.metrics_scrape_interval_s,
         )
-        self.session: aiohttp.ClientSession | None = None
+        self.session: aiohttp.ClientSession | None = None  # passthrough calls (off the hot path)
+        self.upstreams: dict[str, ReplicaPool] = {}  # completions: keep-alive pool per replica URL
         # Hooks for the admission queue and the pre-warm sender; None = not installed.
         # admission: awaited when route() says the pool is saturated (Decision.queue); returns the final decision.
         # prewarm: called (sync, must not block) with a decision's PrewarmActions before the call is forwarded.
@@ -166,6 +178,9 @@ class Gateway:
         if self.session is not None:
             await self.session.close()
             self.session = None
+        for pool in self.upstreams.values():
+            pool.close()
+        self.upstreams.clear()
 
     def set_replicas(self, urls_by_pool: Mapping[str, Sequence[str]]) -> bool:
         """Replace the replica lists of the named pools (discovery); survivors keep their state."""
@@ -177,6 +192,9 @@ class Gateway:
         self.replicas = {r.url: r for p in self.view.pools for r in p.replicas}
         for url in gone - set(self.replicas):
             self.routing_state.prefix_index.forget(url)
+            pool = self.upstreams.pop(url, None)
+            if pool is not None:
+                pool.close()
         if self.session is not None:  # started: watch the new set
             self.monitor.sync()
         log.info("replicas changed", extra={"pools": {p.name: len(p.replicas) for p in self.view.pools}})
@@ -258,16 +276,57 @@ class Gateway:
         return error_response(status, code, message, param, retry_after_s)
 
     def _upstream_headers(self, request: web.Request) -> CIMultiDict[str]:
+        """Client headers to pass on through aiohttp (passthrough calls)."""
         h = CIMultiDict(request.headers)
         for name in _DROP_REQUEST_HEADERS:
             h.popall(name, None)
         h["Content-Type"] = "application/json"
         return h
 
-    async def _open(
+    @staticmethod
+    def _forward_header_lines(request: web.Request) -> bytes:
+        """Client header lines to pass on (raw bytes, ours and hop-by-hop removed), plus our Content-Type."""
+        lines = [b"%s: %s\r\n" % (k, v) for k, v in request.raw_headers if k.lower() not in _DROP_REQUEST_RAW]
+        lines.append(b"Content-Type: application/json\r\n")
+        return b"".join(lines)
+
+    def _pool_for(self, replica: ReplicaState) -> ReplicaPool:
+        pool = self.upstreams.get(replica.url)
+        if pool is None:
+            pool = self.upstreams[replica.url] = ReplicaPool(
+                replica.url, self.settings.connect_timeout_s, self.settings.upstream_keepalive_s
+            )
+        return pool
+
+    async def _open(self, replica: ReplicaState, path: bytes, header_lines: bytes, payload: bytes) -> UpstreamResponse | _Attempt:
+        """POST to one replica and wait for the answer's status and headers; a failure says whether to retry."""
+        pool = self._pool_for(replica)
+        head = request_head(b"POST", path, pool.host_header, len(payload), header_lines)
+        try:
+            resp = await pool.request(head, payload, self.settings.read_timeout_s)
+        except ReadTimeout:
+            self.metrics.upstream_error(replica.url, "read_timeout")
+            return _Attempt("read_timeout", 504, "upstream_timeout", "upstream did not answer in time", False)
+        except ConnectTimeout as e:
+            self.monitor.record_failure(replica, False, "connect timeout")
+            self.metrics.upstream_error(replica.url, e.kind)
+            return _Attempt(e.kind, 504, "upstream_timeout", "upstream connect timed out", True)
+        except UpstreamError as e:  # refused, unreachable, or closed before answering
+            self.monitor.record_failure(replica, e.conclusive, e.kind)
+            self.metrics.upstream_error(replica.url, e.kind)
+            code = "upstream_unavailable" if isinstance(e, ConnectFailed) else "upstream_error"
+            return _Attempt(e.kind, 502, code, f"upstream failed: {e}", True)
+        if resp.status >= 500:
+            self.monitor.record_failure(replica, False, f"status {resp.status}")
+            self.metrics.upstream_error(replica.url, f"status_{resp.status}")
+        else:
+            replica.consecutive_failures = 0
+        return resp
+
+    async def _open_passthrough(
         self, replica: ReplicaState, method: str, url: str, payload: bytes | None, headers: CIMultiDict[str]
     ) -> aiohttp.ClientResponse | _Attempt:
-        """Send one upstream request and wait for its status line; a failure says whether to retry."""
+        """Any method to any path through aiohttp (off the hot path); a failure says whether to retry."""
         assert self.session is not None
         try:
             resp = await self.session.request(method, url, data=payload, headers=headers)
@@ -283,15 +342,10 @@ class Gateway:
         except (TimeoutError, aiohttp.SocketTimeoutError):
             self.metrics.upstream_error(replica.url, "read_timeout")
             return _Attempt("read_timeout", 504, "upstream_timeout", "upstream did not answer in time", False)
-        except aiohttp.ClientError as e:  # e.g. a kept-alive connection the upstream had just closed
+        except aiohttp.ClientError as e:
             self.monitor.record_failure(replica, False, e.__class__.__name__)
             self.metrics.upstream_error(replica.url, "disconnect")
             return _Attempt("disconnect", 502, "upstream_error", f"upstream failed: {e.__class__.__name__}", True)
-        if resp.status >= 500:
-            self.monitor.record_failure(replica, False, f"status {resp.status}")
-            self.metrics.upstream_error(replica.url, f"status_{resp.status}")
-        else:
-            replica.consecutive_failures = 0
         return resp
 
     async def _proxy(
@@ -300,8 +354,8 @@ class Gateway:
         """Forward to the chosen replica (retrying elsewhere before the first byte) and relay the answer."""
         features = ctx.features
         pred = ctx.prediction
-        headers = self._upstream_headers(request)
-        path = request.raw_path
+        header_lines = self._forward_header_lines(request)
+        path = request.raw_path.encode()
         reserve = features.prompt_tokens + (pred.output_tokens_bound or features.max_tokens or 0)
         span = self._start_span(ctx, decision) if self.tracer is not None else None
         attempt = 0
@@ -316,11 +370,11 @@ class Gateway:
                 gauge = self.metrics.inflight_gauge(replica.pool, replica.url)
                 gauge.inc()
                 try:
-                    result = await self._open(replica, "POST", replica.url + path, payload, headers)
-                    if isinstance(result, aiohttp.ClientResponse) and (result.status < 500 or attempt >= self._retries):
+                    result = await self._open(replica, path, header_lines, payload)
+                    if isinstance(result, UpstreamResponse) and (result.status < 500 or attempt >= self._retries):
                         return_value, status, ttft = await self._relay(request, result, ctx, decision, replica)
                         break
-                    if isinstance(result, aiohttp.ClientResponse):
+                    if isinstance(result, UpstreamResponse):
                         result.close()
                         failure = _Attempt("status", result.status, "upstream_error", "", True)
                     else:
@@ -347,7 +401,7 @@ class Gateway:
                     self._finish_span(span, status)
                     return error_response(failure.status, failure.code, failure.message or "upstream failed")
         except asyncio.CancelledError:
-            # the client went away: the upstream connection was closed by _relay / the finally above
+            # the client went away: _relay closed the unfinished upstream answer, so vLLM aborts it too
             self.metrics.request_done(decision.pool, replica.url, 499)
             self._finish_span(span, 499)
             raise
@@ -360,55 +414,65 @@ class Gateway:
         self._finish_span(span, status)
         return return_value
 
+    def _response_headers(self, resp: UpstreamResponse, decision: Decision, replica: ReplicaState) -> CIMultiDict[str]:
+        headers: CIMultiDict[str] = CIMultiDict()
+        for k, v in resp.raw_headers:
+            if k.lower() not in _DROP_RESPONSE_RAW:
+                headers.add(k.decode("latin-1"), v.decode("latin-1"))
+        if self._routing_headers:
+            headers["x-pythia-pool"] = decision.pool
+            headers["x-pythia-replica"] = replica.url
+        return headers
+
     async def _relay(
         self,
         request: web.Request,
-        resp: aiohttp.ClientResponse,
+        resp: UpstreamResponse,
         ctx: RoutingContext,
         decision: Decision,
         replica: ReplicaState,
     ) -> tuple[web.StreamResponse, int, float]:
         """Send the upstream answer to the client; returns (response, status for metrics, ttft or -1)."""
         features = ctx.features
-        headers = CIMultiDict((k, v) for k, v in resp.headers.items() if k.lower() not in _DROP_RESPONSE_HEADERS)
-        if self._routing_headers:
-            headers["x-pythia-pool"] = decision.pool
-            headers["x-pythia-replica"] = replica.url
+        headers = self._response_headers(resp, decision, replica)
         status = resp.status
         try:
-            if not resp.headers.get("Content-Type", "").startswith("text/event-stream"):
+            ctype = resp.header(b"content-type") or b""
+            if not ctype.startswith(b"text/event-stream"):
                 try:
-                    data = await resp.read()
-                except (TimeoutError, aiohttp.ClientError) as e:
-                    timeout = isinstance(e, asyncio.TimeoutError)
-                    self.metrics.upstream_error(replica.url, "read_timeout" if timeout else "disconnect")
-                    code, st = ("upstream_timeout", 504) if timeout else ("upstream_error", 502)
-                    return error_response(st, code, f"upstream failed: {e.__class__.__name__}"), st, -1.0
+                    data = await resp.read_all()
+                except UpstreamError as e:
+                    self.metrics.upstream_error(replica.url, e.kind)
+                    code, st = ("upstream_timeout", 504) if isinstance(e, ReadTimeout) else ("upstream_error", 502)
+                    return error_response(st, code, f"upstream failed: {e}"), st, -1.0
                 ttft = time.monotonic() - features.arrival_s
                 self._observe(ctx, decision, replica, status < 400, find_usage(data) if status < 400 else None, 0, ttft)
                 return web.Response(status=status, body=data, headers=headers), status, ttft
             out = web.StreamResponse(status=status, headers=headers)
-            await out.prepare(request)
             ttft = -1.0
             events = 0
             prev = last = b""
             ok = True
             try:
-                async for chunk in resp.content.iter_any():
+                await out.prepare(request)
+                while (chunk := await resp.next_chunk()) is not None:
                     if ttft < 0:
                         ttft = time.monotonic() - features.arrival_s
                     await out.write(chunk)
                     events += chunk.count(b"data:")
                     prev, last = last, chunk
-            except (TimeoutError, aiohttp.ClientError) as e:
+            except ConnectionError:
+                # the client went away mid-stream; closing the unfinished upstream answer (finally) aborts it there
+                self._observe(ctx, decision, replica, False, None, max(0, events - 2), ttft)
+                return out, 499, ttft
+            except UpstreamError as e:
                 # upstream broke mid-stream: end the SSE stream cleanly with an error event
                 ok = False
-                kind = "read_timeout" if isinstance(e, asyncio.TimeoutError) else "disconnect"
-                self.metrics.upstream_error(replica.url, kind)
+                self.metrics.upstream_error(replica.url, e.kind)
                 tail = last or prev
                 sep = b"" if not tail or tail.endswith(b"\n\n") else (b"\n" if tail.endswith(b"\n") else b"\n\n")
                 with contextlib.suppress(ConnectionError):
-                    await out.write(sep + sse_error_event("upstream_" + kind, "the upstream stream ended early"))
+                    await out.write(sep + sse_error_event("upstream_" + e.kind, "the upstream stream ended early"))
                 status = 502
             with contextlib.suppress(ConnectionError):
                 await out.write_eof()
@@ -513,7 +577,9 @@ class Gateway:
             self.routing_state.round_robin["passthrough"] = n + 1
             replica = candidates[n % len(candidates)]
             tried.add(replica.url)
-            result = await self._open(replica, request.method, replica.url + request.raw_path, raw or None, headers)
+            result = await self._open_passthrough(
+                replica, request.method, replica.url + request.raw_path, raw or None, headers
+            )
             if isinstance(result, _Attempt):
                 if result.retryable:
                     continue

@@ -1,0 +1,339 @@
+"""Upstream HTTP/1.1 client for the hot path: asyncio protocols + httptools, a keep-alive pool per replica.
+
+aiohttp's client does much per request that a proxy does not need (cookie jar, redirects,
+URL objects, header defaults, tracing hooks); this one writes the request in one send,
+parses the answer with llhttp (httptools) and hands body bytes to the caller as they
+arrive. TCP_NODELAY is set on every connection; a slow client pauses reading from the
+upstream (bounded memory per stream); closing an unfinished response closes its
+connection, which is how vLLM learns that the client went away.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import ssl
+import time
+from collections.abc import Iterable
+from typing import cast
+from urllib.parse import urlsplit
+
+import httptools
+
+READ_HIGH_WATER = 256 * 1024  # buffered, unread body bytes at which we stop reading the socket
+READ_LOW_WATER = 64 * 1024
+
+
+class UpstreamError(Exception):
+    """An upstream exchange failed; `kind` names how (for metrics), `conclusive` = the replica is down."""
+
+    kind = "error"
+
+    def __init__(self, message: str, conclusive: bool = False) -> None:
+        super().__init__(message)
+        self.conclusive = conclusive
+
+
+class ConnectFailed(UpstreamError):
+    kind = "connect"
+
+
+class ConnectTimeout(UpstreamError):
+    kind = "connect_timeout"
+
+
+class ReadTimeout(UpstreamError):
+    kind = "read_timeout"
+
+
+class Disconnected(UpstreamError):
+    kind = "disconnect"
+
+
+class UpstreamResponse:
+    """One answer being received: status and headers first, then body chunks as they arrive."""
+
+    __slots__ = (
+        "_buffered", "_chunks", "_conn", "_error", "_paused", "_read_timeout", "_waiter", "complete",
+        "got_bytes", "headers_done", "raw_headers", "status",
+    )  # fmt: skip
+
+    def __init__(self, conn: _Conn, read_timeout: float) -> None:
+        self._conn: _Conn | None = conn
+        self._read_timeout = read_timeout
+        self.status = 0
+        self.raw_headers: list[tuple[bytes, bytes]] = []
+        self.headers_done = False
+        self.complete = False
+        self.got_bytes = False
+        self._chunks: list[bytes] = []
+        self._buffered = 0
+        self._paused = False
+        self._error: UpstreamError | None = None
+        self._waiter: asyncio.Future[None] | None = None
+
+    def header(self, name: bytes) -> bytes | None:
+        """The first header with this lower-case name, or None."""
+        for k, v in self.raw_headers:
+            if k.lower() == name:
+                return v
+        return None
+
+    # -- consumer side ---------------------------------------------------------------------------
+    async def wait_headers(self) -> None:
+        while not self.headers_done:
+            await self._wait()
+
+    async def read_all(self) -> bytes:
+        """The whole body (for non-streamed answers)."""
+        while not self.complete:
+            await self._wait()
+        data = b"".join(self._chunks)
+        self._chunks.clear()
+        self._buffered = 0
+        return data
+
+    async def next_chunk(self) -> bytes | None:
+        """The body bytes received since the last call (waiting for some), or None at the end."""
+        while not self._chunks:
+            if self.complete:
+                return None
+            await self._wait()
+        if len(self._chunks) == 1:
+            data = self._chunks.pop()
+        else:
+            data = b"".join(self._chunks)
+            self._chunks.clear()
+        self._buffered = 0
+        if self._paused:
+            self._paused = False
+            conn = self._conn
+            if conn is not None and conn.transport is not None and not conn.closed:
+                conn.transport.resume_reading()
+        return data
+
+    def close(self) -> None:
+        """Done with this answer: an unfinished one closes its connection (the upstream sees the client leave)."""
+        conn = self._conn
+        self._conn = None
+        if conn is not None and not self.complete:
+            conn.abort()
+
+    async def _wait(self) -> None:
+        if self._error is not None:
+            raise self._error
+        loop = asyncio.get_running_loop()
+        fut = self._waiter = loop.create_future()
+        timer = loop.call_later(self._read_timeout, self._on_timeout, fut)
+        try:
+            await fut
+        finally:
+            timer.cancel()
+            self._waiter = None
+        # callers loop on their condition; an error set meanwhile is raised by the next call
+
+    def _on_timeout(self, fut: asyncio.Future[None]) -> None:
+        if not fut.done():
+            self._error = ReadTimeout("upstream sent nothing within the read timeout")
+            fut.set_result(None)
+            if self._conn is not None:
+                self._conn.abort()
+
+    def _wake(self) -> None:
+        w = self._waiter
+        if w is not None and not w.done():
+            w.set_result(None)
+
+    # -- protocol side ---------------------------------------------------------------------------
+    def _feed(self, data: bytes) -> None:
+        self._chunks.append(data)
+        self._buffered += len(data)
+        if self._buffered > READ_HIGH_WATER and not self._paused:
+            conn = self._conn
+            if conn is not None and conn.transport is not None:
+                self._paused = True
+                conn.transport.pause_reading()
+        self._wake()
+
+    def _fail(self, err: UpstreamError) -> None:
+        if self._error is None and not self.complete:
+            self._error = err
+        self._wake()
+
+
+class _Conn(asyncio.Protocol):
+    """One keep-alive connection to a replica; carries one exchange at a time."""
+
+    __slots__ = ("closed", "idle_since", "parser", "pool", "resp", "transport")
+
+    def __init__(self, pool: ReplicaPool) -> None:
+        self.pool = pool
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpResponseParser(self)
+        self.resp: UpstreamResponse | None = None
+        self.closed = False
+        self.idle_since = 0.0
+
+    def send(self, data: bytes | Iterable[bytes], read_timeout: float) -> UpstreamResponse:
+        assert self.transport is not None
+        resp = self.resp = UpstreamResponse(self, read_timeout)
+        if isinstance(data, bytes):
+            self.transport.write(data)
+        else:
+            self.transport.writelines(data)
+        return resp
+
+    def abort(self) -> None:
+        if not self.closed:
+            self.closed = True
+            if self.transport is not None:
+                self.transport.abort()
+
+    # asyncio.Protocol
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's transports do not subclass asyncio's
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def data_received(self, data: bytes) -> None:
+        resp = self.resp
+        if resp is None:  # bytes with no request outstanding: the connection is not reusable
+            self.abort()
+            return
+        resp.got_bytes = True
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError as e:
+            resp._fail(Disconnected(f"invalid HTTP from upstream: {e}"))
+            self.abort()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        resp = self.resp
+        if resp is not None and not resp.complete:
+            resp._fail(Disconnected("upstream closed the connection"))
+
+    # httptools callbacks
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if self.resp is not None:
+            self.resp.raw_headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        resp = self.resp
+        if resp is not None:
+            resp.status = self.parser.get_status_code()
+            if 100 <= resp.status < 200:  # interim answer: the real one follows
+                resp.raw_headers.clear()
+                return
+            resp.headers_done = True
+            resp._wake()
+
+    def on_body(self, body: bytes) -> None:
+        if self.resp is not None:
+            self.resp._feed(body)
+
+    def on_message_complete(self) -> None:
+        resp = self.resp
+        if resp is None or not resp.headers_done:
+            return
+        resp.complete = True
+        resp._conn = None
+        self.resp = None
+        if self.parser.should_keep_alive() and not self.closed:
+            self.pool.release(self)
+        else:
+            self.abort()
+        resp._wake()
+
+
+class ReplicaPool:
+    """Keep-alive connections to one replica (most recently used first)."""
+
+    def __init__(self, base_url: str, connect_timeout_s: float, keepalive_s: float, max_idle: int = 1024) -> None:
+        u = urlsplit(base_url)
+        if u.scheme not in ("http", "https") or not u.hostname:
+            raise ValueError(f"replica URL must be http(s)://host[:port]: {base_url}")
+        self.host = u.hostname
+        self.ssl: ssl.SSLContext | None = ssl.create_default_context() if u.scheme == "https" else None
+        self.port = u.port or (443 if self.ssl else 80)
+        self.host_header = f"{u.hostname}:{self.port}".encode()
+        self.connect_timeout_s = connect_timeout_s
+        self.keepalive_s = keepalive_s
+        self.max_idle = max_idle
+        self._idle: list[_Conn] = []
+
+    async def request(self, head: bytes, body: bytes, read_timeout_s: float) -> UpstreamResponse:
+        """Send one request (head ends with the blank line) and wait for the answer's status and headers.
+
+        A kept-alive connection that turns out closed before any answer byte is replaced once by a fresh one.
+        """
+        data: bytes | list[bytes] = head + body if len(body) < 65536 else [head, body]
+        conn = self._take_idle()
+        if conn is not None:
+            resp = conn.send(data, read_timeout_s)
+            try:
+                await resp.wait_headers()
+                return resp
+            except Disconnected:
+                if resp.got_bytes:
+                    raise
+            except BaseException:
+                resp.close()
+                raise
+        conn = await self._connect()
+        resp = conn.send(data, read_timeout_s)
+        try:
+            await resp.wait_headers()
+        except BaseException:
+            resp.close()
+            raise
+        return resp
+
+    def release(self, conn: _Conn) -> None:
+        if len(self._idle) < self.max_idle:
+            conn.idle_since = time.monotonic()
+            self._idle.append(conn)
+        else:
+            conn.abort()
+
+    def close(self) -> None:
+        for c in self._idle:
+            c.abort()
+        self._idle.clear()
+
+    def _take_idle(self) -> _Conn | None:
+        idle = self._idle
+        while idle:
+            conn = idle.pop()
+            if conn.closed:
+                continue
+            if time.monotonic() - conn.idle_since > self.keepalive_s:
+                # the rest are older still: drop them all
+                conn.abort()
+                for c in idle:
+                    c.abort()
+                idle.clear()
+                return None
+            return conn
+        return None
+
+    async def _connect(self) -> _Conn:
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(self.connect_timeout_s):
+                _, conn = await loop.create_connection(lambda: _Conn(self), self.host, self.port, ssl=self.ssl)
+        except TimeoutError:
+            raise ConnectTimeout(f"connect to {self.host}:{self.port} timed out") from None
+        except ConnectionRefusedError:
+            raise ConnectFailed(f"connection to {self.host}:{self.port} refused", conclusive=True) from None
+        except OSError as e:
+            raise ConnectFailed(f"cannot connect to {self.host}:{self.port}: {e.strerror or e}") from None
+        return conn
+
+
+def request_head(method: bytes, path: bytes, host: bytes, body_len: int, extra: bytes) -> bytes:
+    """The request line and headers of one upstream call (`extra` = forwarded header lines)."""
+    return b"%s %s HTTP/1.1\r\nHost: %s\r\nContent-Length: %d\r\n%s\r\n" % (method, path, host, body_len, extra)
