@@ -18,6 +18,7 @@
 # Settings (environment): PYTHIA_VLLM_VENV, PYTHIA_VLLM_MODEL_DIR, PYTHIA_VLLM_RUN_DIR (pid files,
 # logs), PYTHIA_VLLM_MODEL_NAME (served name, default smollm2-135m), PYTHIA_VLLM_MAX_MODEL_LEN (2048),
 # PYTHIA_VLLM_KV_GB (KV cache per replica, GiB, default 1), PYTHIA_VLLM_MAX_NUM_SEQS (32),
+# PYTHIA_VLLM_MAX_BATCHED_TOKENS (token budget of one step, 2048; the simulator preset assumes it),
 # PYTHIA_VLLM_READY_TIMEOUT (seconds to wait for /health, default 420), PYTHIA_VLLM_OMP_BIND
 # (VLLM_CPU_OMP_THREADS_BIND for every replica; default: one core per replica when there are at
 # least as many replicas as cores, else all cores). Logging: deploy/local/vllm/logging.json (INFO, plus
@@ -33,6 +34,7 @@ MODEL_NAME="${PYTHIA_VLLM_MODEL_NAME:-smollm2-135m}"
 MAX_MODEL_LEN="${PYTHIA_VLLM_MAX_MODEL_LEN:-2048}"
 KV_GB="${PYTHIA_VLLM_KV_GB:-1}"
 MAX_NUM_SEQS="${PYTHIA_VLLM_MAX_NUM_SEQS:-32}"
+MAX_BATCHED_TOKENS="${PYTHIA_VLLM_MAX_BATCHED_TOKENS:-2048}"
 READY_TIMEOUT="${PYTHIA_VLLM_READY_TIMEOUT:-420}"
 MAX_REPLICAS=2  # 2 cores and 24 GiB shared: more replicas only thrash
 
@@ -162,7 +164,8 @@ start_one() {
       --model "$MODEL_DIR" --served-model-name "$MODEL_NAME" \
       --host 127.0.0.1 --port "$port" \
       --max-model-len "$MAX_MODEL_LEN" --max-num-seqs "$MAX_NUM_SEQS" \
-      --enable-prefix-caching --scheduling-policy priority \
+      --max-num-batched-tokens "$MAX_BATCHED_TOKENS" \
+      --enable-prefix-caching --scheduling-policy priority --enable-prompt-tokens-details \
       --seed 0 ${EXTRA_ARGS[@]+"${EXTRA_ARGS[@]}"} \
       >"$(log_file "$port")" 2>&1 < /dev/null &
   echo $! > "$(pid_file "$port")"
