@@ -45,16 +45,17 @@ def expected_used(r: ReplicaState) -> float:
     return max(float(exp), r.kv_usage * r.kv_capacity_tokens)
 
 
-def overflow_probability(r: ReplicaState, need_expected: int, need_bound: int) -> float:
-    """P(the replica's KV demand, with this call added, exceeds its capacity); 0 when capacity is unknown.
+def overflow_probability(r: ReplicaState, need_expected: int, need_bound: int, limit: float | None = None) -> float:
+    """P(the replica's KV demand, with this call added, exceeds `limit` tokens (default: its capacity));
+    0 when capacity is unknown.
 
     Each call's output is uncertain between its expected value and its bound (a high quantile):
     the sum over the calls is treated as normal with sd = sum of (bound - expected) / z / sqrt(n)
     (independent calls), so many small uncertain calls overflow less often than their bounds add up.
     """
-    cap = r.kv_capacity_tokens
-    if cap <= 0:
+    if r.kv_capacity_tokens <= 0:
         return 0.0
+    cap = r.kv_capacity_tokens if limit is None else limit
     mean = expected_used(r) + need_expected
     slack = max(0, r.reserved_kv_tokens - (r.reserved_kv_expected_tokens or r.reserved_kv_tokens))
     slack += max(0, need_bound - need_expected)

@@ -71,6 +71,9 @@ def pythia(
     *,
     name: str = "pythia",
     max_overflow_probability: float = 0.05,
+    kv_budget: float = 1.0,
+    max_inflight: int = 0,
+    spill_margin: float = 0.1,
     headroom_weight: float = 1.0,
     prefix_weight: float = 0.3,
     queue_weight: float = 1.0,
@@ -83,13 +86,13 @@ def pythia(
     filters: list[Filter] = [HealthyFilter()]
     hooks: list[AfterPick] = [record_workflow]
     if capacity:
-        filters.append(KvCapacityFilter(max_overflow_probability))
+        filters.append(KvCapacityFilter(max_overflow_probability, kv_budget, max_inflight))
     if prefix:
         hooks.append(record_prediction)
     scorer = PythiaPlacementScorer(queue_weight, headroom_weight if capacity else 0.0, prefix_weight if prefix else 0.0)
     return Policy(
         name,
-        predicted_peak_pool if pool else smallest_fitting_pool,
+        partial(predicted_peak_pool, spill_margin=spill_margin) if pool else smallest_fitting_pool,
         tuple(filters),
         ((scorer, 1.0),),
         MaxScorePicker(),

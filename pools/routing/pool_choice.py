@@ -40,7 +40,7 @@ def workflow_id(ctx: RoutingContext) -> str:
     return ctx.prediction.workflow or ctx.tags.workflow
 
 
-def predicted_peak_pool(ctx: RoutingContext, view: ClusterView) -> PoolState | RouteError:
+def predicted_peak_pool(ctx: RoutingContext, view: ClusterView, spill_margin: float = 0.1) -> PoolState | RouteError:
     """Pythia mechanism 1: one pool for the workflow's whole life, sized by its *predicted peak* context.
 
     The first call of a workflow picks the smallest pool whose limit holds
@@ -48,7 +48,9 @@ def predicted_peak_pool(ctx: RoutingContext, view: ClusterView) -> PoolState | R
     `RoutingState.workflow_pool`, so its cache stays in one pool and long workflows never start in a
     short pool only to migrate (and re-prefill) later. Later calls go to the pinned pool while it can
     hold them; a call that outgrows it (the prediction was wrong) moves the workflow to the smallest
-    pool that fits its new peak. Cold predictions fall back to the current call's size.
+    pool that fits its new peak. Cold predictions fall back to the current call's size. A new workflow
+    spills to a larger class when that class is less loaded by more than `spill_margin` (see
+    `least_pressed`), so a pool class that the traffic does not need does not sit idle.
     """
     pools = serving_pools(ctx, view)
     if isinstance(pools, RouteError):
@@ -63,16 +65,42 @@ def predicted_peak_pool(ctx: RoutingContext, view: ClusterView) -> PoolState | R
                 if p.name == pinned and p.max_context_tokens >= now_need:
                     return p
     peak = now_need if ctx.prediction.cold else max(now_need, ctx.prediction.peak_context_tokens)
-    chosen: PoolState | None = None
-    for p in pools:
-        if p.max_context_tokens >= peak:
-            chosen = p
-            break
-    if chosen is None:  # the predicted peak exceeds every pool: the largest that holds this call
-        fitting = [p for p in pools if p.max_context_tokens >= now_need]
+    fitting = [p for p in pools if p.max_context_tokens >= peak]
+    if not fitting:  # the predicted peak exceeds every pool: the largest that holds this call
+        fitting = [p for p in pools if p.max_context_tokens >= now_need][-1:]
         if not fitting:
             return smallest_fitting_pool(ctx, view)
-        chosen = fitting[-1]
+    chosen = fitting[0] if len(fitting) == 1 else least_pressed(fitting, spill_margin)
     if wf:
         state.remember_workflow(wf, chosen.name, ctx.now)
     return chosen
+
+
+def pool_pressure(pool: PoolState) -> float:
+    """How loaded a pool is: mean over healthy replicas of expected KV use and in-flight calls (0..~1+)."""
+    total = 0.0
+    n = 0
+    for r in pool.replicas:
+        if not r.healthy:
+            continue
+        n += 1
+        cap = r.kv_capacity_tokens
+        kv = max(r.reserved_kv_expected_tokens or r.reserved_kv_tokens, r.kv_usage * cap) / cap if cap > 0 else r.kv_usage
+        busy = max(r.inflight, r.num_running + r.num_waiting) / (r.max_num_seqs or 256)
+        total += kv if kv > busy else busy
+    return total / n if n else float("inf")
+
+
+def least_pressed(fitting: list[PoolState], margin: float) -> PoolState:
+    """The smallest fitting pool, unless a larger one is less loaded by more than `margin`.
+
+    Spilling a workflow up a class uses capacity that would otherwise sit idle (a long pool when
+    traffic is short); the margin keeps the larger pool's headroom for the workflows only it can hold.
+    """
+    best = fitting[0]
+    best_p = pool_pressure(best)
+    for p in fitting[1:]:
+        pp = pool_pressure(p)
+        if pp + margin < best_p:
+            best, best_p = p, pp
+    return best

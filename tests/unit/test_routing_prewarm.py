@@ -29,8 +29,9 @@ def test_no_warm_when_unsure_busy_or_ablated() -> None:
     unsure = warm("wf", next_prefix_messages=NEXT, next_prefix_confidence=0.3)
     assert route(call(RoutingState(), "plan", prediction=unsure), v, p).prewarm == ()
     sure = warm("wf", next_prefix_messages=NEXT, next_prefix_confidence=0.9)
-    for r in v.pools[0].replicas:
-        r.kv_usage, r.num_waiting = 0.9, 3
+    for pool in v.pools:
+        for r in pool.replicas:
+            r.kv_usage, r.num_waiting = 0.9, 3
     assert route(call(RoutingState(), "plan", prediction=sure), v, p).prewarm == ()
     assert route(call(RoutingState(), "plan", prediction=sure), cluster(), make_policy("pythia-no-prewarm")).prewarm == ()
 

@@ -26,6 +26,25 @@ def test_workflow_is_placed_by_predicted_peak_and_stays_there() -> None:
                  make_policy("pythia-no-pool")).pool == "short"
 
 
+def test_new_workflows_spill_to_a_larger_idle_class_and_stay_there() -> None:
+    v, st, p = cluster(), RoutingState(), make_policy("pythia")
+    for r in v.pools[0].replicas:  # the short pool is busy, the long pool idle
+        r.inflight, r.reserved_kv_tokens, r.reserved_kv_expected_tokens = 30, 60_000, 50_000
+    d = route(call(st, "small", prediction=warm("wf-a", peak_context_tokens=3000)), v, p)
+    assert d.pool == "long" and st.workflow_pool["wf-a"] == "long"
+    # once pinned, it stays even when the short pool frees up
+    for r in v.pools[0].replicas:
+        r.inflight, r.reserved_kv_tokens, r.reserved_kv_expected_tokens = 0, 0, 0
+    assert route(call(st, "small 2", prediction=warm("wf-a", peak_context_tokens=3000)), v, p).pool == "long"
+    # baselines size by the prompt only and keep loading the short pool
+    for r in v.pools[0].replicas:
+        r.inflight, r.reserved_kv_tokens = 30, 60_000
+    assert route(call(RoutingState(), "small"), v, make_policy("llmd")).pool == "short"
+    # with the pool mechanism ablated Pythia does too
+    assert route(call(RoutingState(), "small", prediction=warm("wf-b", peak_context_tokens=3000)), v,
+                 make_policy("pythia-no-pool")).pool == "short"
+
+
 def test_workflow_migrates_only_when_it_outgrows_its_pool() -> None:
     v, st, p = cluster(), RoutingState(), make_policy("pythia")
     d = route(call(st, "x", prediction=warm("wf2", peak_context_tokens=4000)), v, p)
@@ -43,6 +62,7 @@ def test_capacity_filter_avoids_replicas_that_would_overflow() -> None:
     # s1 and s2 hold calls that will need almost all their KV; s3 is half full
     for r, reserved in ((s1, 9_800), (s2, 9_500), (s3, 5_000)):
         r.inflight, r.reserved_kv_tokens, r.reserved_kv_expected_tokens = 3, reserved, reserved
+    st.workflow_pool["wf3"] = "short"  # a later call of a workflow living in the short pool
     c = call(st, "q" * 4 * 1000, max_tokens=None, prediction=warm("wf3", peak_context_tokens=2000))
     d = route(c, v, p)
     assert d.replica == "http://s3"
@@ -55,11 +75,12 @@ def test_no_eligible_replica_queues_at_the_gateway_with_priority() -> None:
     v, st, p = cluster(kv_capacity=10_000), RoutingState(), make_policy("pythia")
     for r in v.pools[0].replicas:
         r.inflight, r.reserved_kv_tokens, r.reserved_kv_expected_tokens = 4, 9_900, 9_900
+    st.workflow_pool["wf4"] = "short"
     d = route(call(st, "q" * 4 * 1000, prediction=warm("wf4", remaining_steps=2.0)), v, p)
     assert d.queue and not d.replica and d.error is None and d.pool == "short"
     assert d.priority == 2
     # without the capacity mechanism the call is placed anyway (and would push a replica into preemption)
-    assert route(call(RoutingState(), "q" * 4 * 1000, prediction=warm("wf4")), v,
+    assert route(call(st, "q" * 4 * 1000, prediction=warm("wf4")), v,
                  make_policy("pythia-no-capacity")).replica in SHORT
 
 
@@ -70,24 +91,25 @@ def test_uncertain_outputs_overflow_less_than_their_bounds_add_up() -> None:
         r.inflight, r.reserved_kv_tokens, r.reserved_kv_expected_tokens = 20, 10_000, 10_000
     # many calls whose bounds sum past capacity but whose expected need is far below it
     s1.inflight, s1.reserved_kv_tokens, s1.reserved_kv_expected_tokens = 20, 11_000, 6_000
-    d = route(call(RoutingState(), "q" * 400, prediction=warm("wf5")), v, p)
+    st = RoutingState(workflow_pool={"wf5": "short"})
+    d = route(call(st, "q" * 400, prediction=warm("wf5")), v, p)
     assert d.replica == "http://s1"
 
 
 def test_most_expected_headroom_wins_and_prefix_breaks_ties() -> None:
     v, p = cluster(kv_capacity=100_000), make_policy("pythia")
-    st = RoutingState()
+    st = RoutingState(workflow_pool={"wf6": "short"})
     s1, s2, s3 = v.pools[0].replicas
     s1.inflight, s1.reserved_kv_expected_tokens, s1.reserved_kv_tokens = 1, 60_000, 60_000
     s2.inflight, s2.reserved_kv_expected_tokens, s2.reserved_kv_tokens = 1, 10_000, 10_000
     s3.inflight, s3.reserved_kv_expected_tokens, s3.reserved_kv_tokens = 1, 10_000, 10_000
     text = "shared system prompt " * 200
-    st.prefix_index.insert("http://s3", call(st, text).features.prefix_hashes)
+    st.prefix_index.insert("http://s3", call(st, text).sampled_hashes())
     # equal headroom and load on s2 and s3: s3 holds the prefix
     assert route(call(st, text + "question", prediction=warm("wf6")), v, p).replica == "http://s3"
     # s1 holds the prefix but has far less headroom: capacity wins over the cached prefix
-    st2 = RoutingState()
-    st2.prefix_index.insert("http://s1", call(st2, text).features.prefix_hashes)
+    st2 = RoutingState(workflow_pool={"wf6": "short"})
+    st2.prefix_index.insert("http://s1", call(st2, text).sampled_hashes())
     s1.reserved_kv_expected_tokens = s1.reserved_kv_tokens = 95_000
     assert route(call(st2, text + "question", prediction=warm("wf6")), v, p).replica != "http://s1"
 

@@ -19,14 +19,19 @@ class KvCapacityFilter:
 
     name = "kv-capacity"
 
-    def __init__(self, max_overflow_probability: float = 0.05) -> None:
+    def __init__(self, max_overflow_probability: float = 0.05, kv_budget: float = 1.0, max_inflight: int = 0) -> None:
         self.max_overflow_probability = max_overflow_probability
+        # share of the KV cache admitted calls may fill: below 1, calls beyond it wait at the gateway in
+        # priority order instead of slowing every running call down (decode reads all resident KV)
+        self.kv_budget = kv_budget
+        self.max_inflight = max_inflight or 1 << 30  # calls per replica at most (0 = no bound but the KV's)
 
     def filter(self, ctx: RoutingContext, candidates: list[ReplicaState]) -> list[ReplicaState]:
         exp, bound, limit = call_kv_expected(ctx), call_kv_bound(ctx), self.max_overflow_probability
         out: list[ReplicaState] = []
         free: list[float] = []  # expected free fraction after this call, for the headroom score
         loads: list[int] = []  # and the queue depth, for the queue score
+        budget, most = self.kv_budget, self.max_inflight
         for r in candidates:
             cap = r.kv_capacity_tokens
             if cap <= 0:
@@ -39,12 +44,15 @@ class KvCapacityFilter:
             expected = r.reserved_kv_expected_tokens or reserved
             used = scraped if scraped > expected else expected
             f = (cap - used - exp) / cap
+            allowed = cap * budget
             # fast paths: fits even at every bound / overflows even at expected lengths
             inflight = r.inflight
+            if inflight >= most:
+                continue
             if (
                 inflight == 0
-                or (scraped if scraped > reserved else reserved) + bound <= cap
-                or (f >= 0.0 and overflow_probability(r, exp, bound) < limit)
+                or (scraped if scraped > reserved else reserved) + bound <= allowed
+                or (used + exp <= allowed and overflow_probability(r, exp, bound, allowed) < limit)
             ):
                 out.append(r)
                 free.append(f if f > 0.0 else 0.0)
