@@ -22,7 +22,6 @@ from urllib.parse import urlsplit
 import httptools
 
 READ_HIGH_WATER = 256 * 1024  # buffered, unread body bytes at which we stop reading the socket
-READ_LOW_WATER = 64 * 1024
 
 
 class UpstreamError(Exception):
@@ -55,7 +54,7 @@ class UpstreamResponse:
     """One answer being received: status and headers first, then body chunks as they arrive."""
 
     __slots__ = (
-        "_buffered", "_chunks", "_conn", "_error", "_paused", "_read_timeout", "_waiter", "complete",
+        "_buffered", "_chunks", "_collect", "_conn", "_error", "_paused", "_read_timeout", "_waiter", "complete",
         "got_bytes", "headers_done", "raw_headers", "status",
     )  # fmt: skip
 
@@ -70,6 +69,7 @@ class UpstreamResponse:
         self._chunks: list[bytes] = []
         self._buffered = 0
         self._paused = False
+        self._collect = False  # read_all: take everything, never pause the socket
         self._error: UpstreamError | None = None
         self._waiter: asyncio.Future[None] | None = None
 
@@ -87,6 +87,8 @@ class UpstreamResponse:
 
     async def read_all(self) -> bytes:
         """The whole body (for non-streamed answers)."""
+        self._collect = True
+        self._resume()
         while not self.complete:
             await self._wait()
         data = b"".join(self._chunks)
@@ -106,12 +108,15 @@ class UpstreamResponse:
             data = b"".join(self._chunks)
             self._chunks.clear()
         self._buffered = 0
+        self._resume()
+        return data
+
+    def _resume(self) -> None:
         if self._paused:
             self._paused = False
             conn = self._conn
             if conn is not None and conn.transport is not None and not conn.closed:
                 conn.transport.resume_reading()
-        return data
 
     def close(self) -> None:
         """Done with this answer: an unfinished one closes its connection (the upstream sees the client leave)."""
@@ -149,7 +154,7 @@ class UpstreamResponse:
     def _feed(self, data: bytes) -> None:
         self._chunks.append(data)
         self._buffered += len(data)
-        if self._buffered > READ_HIGH_WATER and not self._paused:
+        if self._buffered > READ_HIGH_WATER and not self._paused and not self._collect:
             conn = self._conn
             if conn is not None and conn.transport is not None:
                 self._paused = True
@@ -242,6 +247,10 @@ class _Conn(asyncio.Protocol):
         resp.complete = True
         resp._conn = None
         self.resp = None
+        if resp._paused:  # the whole answer is buffered; the connection must read again for its next call
+            resp._paused = False
+            if self.transport is not None:
+                self.transport.resume_reading()
         if self.parser.should_keep_alive() and not self.closed:
             self.pool.release(self)
         else:
