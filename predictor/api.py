@@ -11,6 +11,8 @@ import asyncio
 import contextlib
 import logging
 import math
+import os
+import random
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -75,9 +77,11 @@ class Predictor:
         self._state_views: dict[tuple[str, str, int], StateView] = {}
         self._role_views: dict[tuple[str, str], RoleView] = {}
         self._seq = 0
+        self._token = f"{os.getpid() % 10000:04d}{random.randrange(1 << 16):04x}-"  # untagged ids, unique per process
+        self._finishing: dict[tuple[str, str], LiveWorkflow] = {}  # waiting for Redis to say who ends them
         self._preds_cache: dict[tuple[str, str], tuple[tuple[int, int], frozenset[str]]] = {}
         self.counters: dict[str, int] = {"predict": 0, "observe": 0, "errors": 0, "linked_prefix": 0,
-                                         "linked_automaton": 0, "linked_content": 0, "new_untagged": 0, "finished": 0}
+                                         "linked_automaton": 0, "linked_content": 0, "live_merged": 0, "new_untagged": 0, "finished": 0}
         self._last_error_log = 0.0
         self._ticker: asyncio.Task[None] | None = None
         self._last_tick = -math.inf
@@ -173,7 +177,7 @@ class Predictor:
         while True:
             done = self.live.expired(now, self.settings.workflow_idle_s, limit=1000)
             for wf in done:
-                self._finish(wf)
+                self._end(wf)
             n += len(done)
             if not done:
                 return n
@@ -209,36 +213,62 @@ class Predictor:
         return model.texts if model is not None else {}
 
     def merge_live(self, app: str, wid: str, state: Mapping[str, Any]) -> None:
-        """Adopt another process's earlier steps of a workflow this process has just started seeing."""
+        """Merge another gateway process's view of a workflow into this one's (Redis live state).
+
+        Steps both views share (same roles in the same order) are kept once; the remote view's later
+        steps come next, then the steps only this process has seen. Step indexes move,
+        so the epoch changes and observe() finds such calls' steps by role.
+        """
         wf = self.live.get(app, wid)
         remote = state.get("steps") or []
-        # only a workflow met here for the first time (one local step) adopts remote history, once
-        if wf is None or wf.merged or not remote or len(wf.steps) != 1:
+        calls = int(state.get("calls", 0))
+        if wf is None or not remote or state.get("ended") or calls <= wf.remote_calls:
             return
         steps = [StepRec(role=str(s[0]), k=int(s[1]), started=float(s[2]), width=int(s[3]), observed=int(s[3]),
                          out_tokens=int(s[4]), prompt_tokens=int(s[5]), max_context=int(s[6])) for s in remote]
-        remote_calls = [i for i, st in enumerate(steps) for _ in range(st.width)]
+        wf.remote_calls = calls
+        local = wf.steps
+        shared = 0
+        while shared < min(len(steps), len(local)) and (steps[shared].role, steps[shared].k) == (
+                local[shared].role, local[shared].k):
+            shared += 1
+        if shared == len(steps) and all(steps[j].width <= local[j].width for j in range(shared)):
+            return  # nothing this process has not seen
+        i = 0
+        while i < shared:
+            mine, theirs = local[i], steps[i]
+            theirs.width = max(theirs.width, mine.width)
+            theirs.observed = max(theirs.observed, mine.observed)
+            theirs.hashes = mine.hashes
+            i += 1
         visits: dict[str, int] = {}
         for st in steps:
             visits[st.role] = max(visits.get(st.role, 0), st.k)
-        local, last = wf.steps[0], steps[-1]
-        if last.role == local.role and abs(local.started - last.started) <= self.settings.fanout_window_s:
-            last.width += local.width  # a sibling of the remote step's fan-out
-            last.observed += local.observed
-            local_index = len(steps) - 1
-        else:
-            local.k = min(visits.get(local.role, 0) + 1, K_MAX)
-            visits[local.role] = local.k
-            steps.append(local)
-            local_index = len(steps) - 1
-        wf.call_steps = remote_calls + [local_index] * len(wf.call_steps)
-        wf.call_offset = len(remote_calls)
+        theirs_after = {(st.role, st.k): st for st in steps[shared:]}
+        for mine in local[i:]:
+            same = theirs_after.get((mine.role, mine.k))
+            if same is not None:  # a step both saw (calls of one fan-out on two processes): keep one
+                same.width = max(same.width, mine.width)
+                same.observed = min(same.width, max(same.observed, mine.observed))
+                continue
+            # a step only this process has seen (running, or not in Redis yet): it follows the others'
+            mine.k = min(visits.get(mine.role, 0) + 1, K_MAX)
+            visits[mine.role] = mine.k
+            steps.append(mine)
         wf.steps = steps
         wf.visits = visits
-        wf.merged = True
+        wf.epoch += 1
+        self.counters["live_merged"] += 1
         wf.last_context = max(wf.last_context, int(state.get("last_context", 0)))
         wf.peak_context = max(wf.peak_context, int(state.get("peak_context", 0)))
-        wf.out_tokens += int(state.get("out_tokens", 0))
+        wf.out_tokens = sum(st.out_tokens for st in steps)
+
+    def finish_checked(self, app: str, wid: str, mine: bool) -> None:
+        """The store's verdict on a workflow that went idle here: end it (`mine`), or drop this copy
+        because another gateway process served later calls of it or has already ended it."""
+        wf = self._finishing.pop((app, wid), None)
+        if wf is not None and mine:
+            self._finish(wf)
 
     # ------------------------------------------------------------------ prediction
 
@@ -256,10 +286,10 @@ class Predictor:
             linked = True
         wf = self.live.get(app, wid)
         if wf is None:
-            wf = LiveWorkflow(app=app, wid=wid, created=now, last_seen=now)
+            wf = LiveWorkflow(app=app, wid=wid, created=now, last_seen=now, local_only=linked)
             self.live.add(wf)
-            if not linked:
-                self.store.want_live(app, wid)  # another gateway process may have seen its earlier steps
+        if not linked and self._share_live:
+            self.store.want_live(app, wid)  # other gateway processes may have served calls of it meanwhile
         # one step = the parallel calls of one role; a same-role call while the step is running joins it
         cur = wf.steps[-1] if wf.steps else None
         if cur is not None and self._is_sibling(wf, cur, role, f, now):
@@ -271,8 +301,7 @@ class Predictor:
             step = StepRec(role=role, k=k, started=now, width=1, prompt_tokens=f.prompt_tokens,
                            hashes=f.prefix_hashes)
             wf.steps.append(step)
-        call_index = wf.calls
-        wf.call_steps.append(len(wf.steps) - 1)
+        call_index = wf.calls - 1
         wf.in_flight += 1
         self.live.touch(wf, now)
         if linked:  # index untagged prompts so the calls that continue them can be linked
@@ -292,7 +321,8 @@ class Predictor:
         pred.workflow_linked = linked
         pred.step = call_index
         pred.extra["linked_existing"] = 1.0 if joined else 0.0
-        pred.extra["merged"] = 1.0 if wf.merged else 0.0  # observe() renumbers calls predicted before a merge
+        pred.extra["step_index"] = float(len(wf.steps) - 1)
+        pred.extra["epoch"] = float(wf.epoch)  # a merge moves step indexes: observe() then finds the step by role
         return pred
 
     def _from_model(self, model: AppModel, wf: LiveWorkflow, step: StepRec, role: str,
@@ -481,7 +511,7 @@ class Predictor:
             return best.wid, True
         self._seq += 1
         self.counters["new_untagged"] += 1
-        return f"{app}~{self._seq}", False
+        return f"{app}~{self._token}{self._seq}", False
 
     def _is_sibling(self, wf: LiveWorkflow, cur: StepRec, role: str, f: RequestFeatures, now: float,
                     need_evidence: bool = False) -> bool:
@@ -552,7 +582,7 @@ class Predictor:
         now = out.finished_s or f.arrival_s
         if now - self._last_tick > 2 * self.settings.tick_interval_s:  # no background tick: end one here
             for wf_done in self.live.expired(now, self.settings.workflow_idle_s, limit=1):
-                self._finish(wf_done)
+                self._end(wf_done)
         app = tags.app
         if not app:
             app, _, _ = self._resolve_role(tags, f)
@@ -566,10 +596,12 @@ class Predictor:
         if wf is None or not wf.steps:
             self._learn_call(model, role, f, prompt, outp)  # its workflow is gone: only the role's lengths
             return
-        idx = pred.step
-        if wf.merged and pred.extra.get("merged", 0.0) == 0.0:
-            idx += wf.call_offset
-        si = wf.call_steps[idx] if 0 <= idx < len(wf.call_steps) else len(wf.steps) - 1
+        si = int(pred.extra.get("step_index", -1.0))
+        if pred.extra.get("epoch", -1.0) != wf.epoch or not 0 <= si < len(wf.steps) or wf.steps[si].role != role:
+            si = next((i for i in range(len(wf.steps) - 1, -1, -1) if wf.steps[i].role == role), -1)
+        if si < 0:
+            self._learn_call(model, role, f, prompt, outp)
+            return
         step = wf.steps[si]
         if step.observed == 0:  # the step's first outcome: it records the transition into the step
             if si == 0:
@@ -594,7 +626,7 @@ class Predictor:
         wf.peak_context = max(wf.peak_context, prompt + outp)
         if out.finished_s > 0:
             self.live.touch(wf, out.finished_s)
-        if self._share_live:
+        if self._share_live and not wf.local_only:
             self.store.record_live(app, wf.wid, _live_state(wf))
 
     def _learn_call(self, model: AppModel, role: str, f: RequestFeatures, prompt: int, outp: int) -> None:
@@ -611,6 +643,14 @@ class Predictor:
                 model.texts[role] = f.system_prompt
                 self.store.record_text(model.app, role, f.system_prompt)
 
+    def _end(self, wf: LiveWorkflow) -> None:
+        """A workflow went idle here: end it now, or (shared store) once Redis says no one saw more of it."""
+        if self._share_live and not wf.local_only:
+            self._finishing[(wf.app, wf.wid)] = wf
+            self.store.check_finish(wf.app, wf.wid, wf.calls)
+        else:
+            self._finish(wf)
+
     def _finish(self, wf: LiveWorkflow) -> None:
         """A workflow ended: learn its end, length, fan-outs, loops and per-step remaining work."""
         if not wf.steps:
@@ -619,7 +659,7 @@ class Predictor:
         if model is None:
             return
         self.counters["finished"] += 1
-        self.store.end_live(wf.app, wf.wid)
+        self.store.end_live(wf.app, wf.wid, wf.calls)
         last = wf.steps[-1]
         self._learn(model, f"T|{last.role}|{last.k}|{END}")
         calls = sum(st.width for st in wf.steps)

@@ -31,7 +31,6 @@ class LiveWorkflow:
     created: float
     last_seen: float
     steps: list[StepRec] = field(default_factory=list)
-    call_steps: list[int] = field(default_factory=list)  # call index -> step index
     visits: dict[str, int] = field(default_factory=dict)  # role -> steps so far
     in_flight: int = 0
     last_hashes: tuple[int, ...] = ()  # block hashes of its latest prompt (what the next call continues)
@@ -41,13 +40,14 @@ class LiveWorkflow:
     out_tokens: int = 0
     indexed: list[int] = field(default_factory=list)  # block hashes this workflow holds in the link index
     content_indexed: list[int] = field(default_factory=list)  # ... and in the content index
-    merged: bool = False  # earlier steps were adopted from another gateway process (Redis live state)
-    call_offset: int = 0  # calls adopted then, which shift the index of calls predicted before the merge
+    local_only: bool = False  # an untagged workflow linked here: its id means nothing to other processes
+    epoch: int = 0  # bumped when steps seen by another gateway process are merged in (step indexes move)
+    remote_calls: int = 0  # calls in the latest state merged from another process
 
     @property
     def calls(self) -> int:
-        """Calls of this workflow seen so far."""
-        return len(self.call_steps)
+        """Calls of this workflow seen so far (by any process, as far as this one knows)."""
+        return sum(s.width for s in self.steps)
 
 
 class LiveTable:

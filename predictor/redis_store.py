@@ -49,6 +49,20 @@ for i = 2 * n + 2, #ARGV, 2 do redis.call('HINCRBYFLOAT', KEYS[1], ARGV[i], ARGV
 return restored
 """
 
+# Who ends a workflow that went idle: not this process if another one's live state has more calls,
+# nor if one already claimed it; else claim it (SET NX) so that exactly one process learns its end.
+CHECK_FINISH_LUA = """
+local raw = redis.call('GET', KEYS[1])
+if raw then
+  local ok, st = pcall(cjson.decode, raw)
+  if ok and tonumber(st['calls'] or 0) > tonumber(ARGV[1]) then return 'other' end
+end
+if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'EX', ARGV[2]) then return 'mine' end
+return 'ended'
+"""
+
+FINISH_FALLBACK_S = 30.0  # Redis unreachable this long: a process ends its own idle workflows itself
+
 REDIS_ERRORS = (RedisError, OSError, asyncio.TimeoutError, ConnectionError)
 
 
@@ -83,6 +97,7 @@ class RedisStore:
         self._live: dict[tuple[str, str], dict[str, Any]] = {}
         self._wanted: set[tuple[str, str]] = set()
         self._ended: set[tuple[str, str]] = set()
+        self._checks: dict[tuple[str, str], tuple[int, float]] = {}  # idle workflow -> (its calls, since)
         self._client: aioredis.Redis | None = None
         self._sink: ModelSink | None = None
         self._task: asyncio.Task[None] | None = None
@@ -113,10 +128,17 @@ class RedisStore:
         """Ask for another process's state of this workflow (merged in the background)."""
         self._wanted.add((app, wid))
 
-    def end_live(self, app: str, wid: str) -> None:
+    def end_live(self, app: str, wid: str, calls: int) -> None:
         """The workflow ended: its live state can go."""
         self._live.pop((app, wid), None)
         self._ended.add((app, wid))
+
+    def check_finish(self, app: str, wid: str, calls: int) -> None:
+        """Ask Redis whether this process should end an idle workflow (answered through finish_checked)."""
+        if not self.counters["redis_connected"] and self._sink is not None:
+            self._sink.finish_checked(app, wid, True)  # Redis is away: no one can coordinate, end it here
+            return
+        self._checks.setdefault((app, wid), (calls, time.monotonic()))
 
     def stats(self) -> dict[str, float]:
         """Counters for /metrics: errors, flushes, refreshes, restores, whether Redis answered last time."""
@@ -228,20 +250,34 @@ class RedisStore:
             self._ended |= ended
             self._wanted |= wanted
             raise
-        if wanted and self._sink is not None:
+        checks, self._checks = self._checks, {}
+        if (wanted or checks) and self._sink is not None:
             keys = list(wanted)
+            check_keys = list(checks)
             pipe = client.pipeline(transaction=False)
             for app, wid in keys:
                 pipe.get(f"{self.prefix}live:{app}:{wid}")
+            ttl_s = str(max(1, int(self.settings.live_ttl_s)))
+            for app, wid in check_keys:
+                pipe.eval(CHECK_FINISH_LUA, 2, f"{self.prefix}live:{app}:{wid}", f"{self.prefix}ended:{app}:{wid}",
+                          str(checks[(app, wid)][0]), ttl_s)
             try:
                 got = await pipe.execute()
             except BaseException:
                 self._wanted |= wanted
+                now = time.monotonic()
+                for key, (calls, since) in checks.items():
+                    if now - since >= FINISH_FALLBACK_S:  # Redis has been away too long: end it here
+                        self._sink.finish_checked(key[0], key[1], True)
+                    else:
+                        self._checks.setdefault(key, (calls, since))
                 raise
-            for (app, wid), raw in zip(keys, got, strict=True):
+            for (app, wid), raw in zip(keys, got[: len(keys)], strict=True):
                 if raw:
                     self._sink.merge_live(app, wid, json.loads(raw))
                     self.counters["redis_live_merged"] += 1
+            for (app, wid), verdict in zip(check_keys, got[len(keys):], strict=True):
+                self._sink.finish_checked(app, wid, verdict == "mine")
 
     async def _restore(self, client: aioredis.Redis, apps: list[str], batch: dict[str, dict[str, float]]) -> None:
         """The apps' hashes are missing: restore this process's model (if no one has yet) plus the batch."""

@@ -14,6 +14,8 @@ class SnapshotSink(Protocol):
 
     def merge_live(self, app: str, wid: str, state: Mapping[str, Any]) -> None: ...
 
+    def finish_checked(self, app: str, wid: str, mine: bool) -> None: ...
+
 
 class Store(Protocol):
     """Persistence of the model counters. All methods called on the hot path are sync and cheap."""
@@ -26,7 +28,9 @@ class Store(Protocol):
 
     def want_live(self, app: str, wid: str) -> None: ...
 
-    def end_live(self, app: str, wid: str) -> None: ...
+    def end_live(self, app: str, wid: str, calls: int) -> None: ...
+
+    def check_finish(self, app: str, wid: str, calls: int) -> None: ...
 
     async def start(self, sink: SnapshotSink) -> None: ...
 
@@ -50,8 +54,11 @@ class MemoryStore:
     def want_live(self, app: str, wid: str) -> None:
         """Nothing to fetch."""
 
-    def end_live(self, app: str, wid: str) -> None:
-        """Nothing to delete."""
+    def end_live(self, app: str, wid: str, calls: int) -> None:
+        """Nothing to mark."""
+
+    def check_finish(self, app: str, wid: str, calls: int) -> None:
+        """Never called: a memory predictor ends its workflows itself."""
 
     async def start(self, sink: SnapshotSink) -> None:
         """No background work."""
