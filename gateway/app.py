@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import orjson
@@ -56,6 +57,27 @@ def build_app(
         body, ctype = render(gw.metrics.registry)
         return web.Response(body=body, headers={"Content-Type": ctype})
 
+    async def replicas(request: web.Request) -> web.Response:
+        view = [
+            {
+                "pool": p.name,
+                "max_context_tokens": p.max_context_tokens,
+                "models": list(p.models),
+                "replicas": [
+                    {
+                        "url": r.url, "healthy": r.healthy, "inflight": r.inflight,
+                        "num_running": r.num_running, "num_waiting": r.num_waiting, "kv_usage": r.kv_usage,
+                        "kv_capacity_tokens": r.kv_capacity_tokens, "prefix_cache_hits": r.prefix_cache_hits,
+                        "prefix_cache_queries": r.prefix_cache_queries, "num_preemptions": r.num_preemptions,
+                        "consecutive_failures": r.consecutive_failures,
+                    }
+                    for r in p.replicas
+                ],
+            }
+            for p in gw.view.pools
+        ]  # fmt: skip
+        return web.Response(body=orjson.dumps({"pid": os.getpid(), "pools": view}), content_type="application/json")
+
     async def apps(request: web.Request) -> web.Response:
         return web.Response(body=orjson.dumps({"apps": gw.predictor.apps()}), content_type="application/json")
 
@@ -72,6 +94,7 @@ def build_app(
     app.router.add_get("/health", health)
     app.router.add_get("/ready", ready)
     app.router.add_get("/metrics", metrics_endpoint)
+    app.router.add_get("/pythia/replicas", replicas)
     app.router.add_get("/pythia/apps", apps)
     app.router.add_get("/pythia/apps/{app}/model", app_model)
     app.router.add_route("*", "/v1/{tail:.*}", gw.passthrough)
