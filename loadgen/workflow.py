@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from loadgen.synth_text import TOKEN_BYTES, labelled_text
+from loadgen.synth_text import TOKEN_BYTES, labelled_text, synth_text
 
 MESSAGE_ROLES = ("system", "user", "assistant")
 
@@ -60,14 +60,25 @@ class Call:
     model: str = ""
     segments: tuple[Segment, ...] = ()  # the messages, built lazily (templates, Mooncake traces)
     literal_messages: list[dict[str, Any]] | None = None  # given as-is (workflow-form traces)
-    prompt: str | None = None  # completions-style prompt (workflow-form traces with `prompt`)
+    literal_prompt: str | None = None  # completions-style prompt given as-is (workflow-form traces)
+    completion: bool = False  # /v1/completions with the segments' text joined (Mooncake traces)
     tagged: bool = True  # whether X-Pythia-* tags may be sent (traces without tags set False)
     _prompt_tokens: int = field(default=-1, repr=False)
 
     @property
     def chat(self) -> bool:
         """True for /v1/chat/completions, False for /v1/completions."""
-        return self.prompt is None
+        return self.literal_prompt is None and not self.completion
+
+    @property
+    def prompt(self) -> str | None:
+        """The completions prompt (None for chat calls), built on demand."""
+        if self.literal_prompt is not None:
+            return self.literal_prompt
+        if self.completion:
+            return "".join(labelled_text(s.label, s.key, s.tokens) if s.label else synth_text(s.key, s.tokens)
+                           for s in self.segments)
+        return None
 
     @property
     def messages(self) -> list[dict[str, Any]]:
@@ -80,8 +91,10 @@ class Call:
     def prompt_tokens(self) -> int:
         """Prompt tokens under the 4-bytes-per-token rule, counted as the gateway flattens the prompt."""
         if self._prompt_tokens < 0:
-            if self.prompt is not None:
-                n = len(self.prompt.encode("utf-8", "surrogatepass"))
+            if self.literal_prompt is not None:
+                n = len(self.literal_prompt.encode("utf-8", "surrogatepass"))
+            elif self.completion:
+                n = sum(s.tokens for s in self.segments) * TOKEN_BYTES
             elif self.literal_messages is not None:
                 from pools.prefix_hash import flatten_messages
 
@@ -94,7 +107,7 @@ class Call:
     def body(self, stream: bool = True, model: str | None = None, ignore_eos: bool = True) -> dict[str, Any]:
         """The OpenAI request body: exact output length via max_tokens + ignore_eos, streamed with usage."""
         b: dict[str, Any] = {"model": self.model if model is None else model}
-        if self.prompt is not None:
+        if not self.chat:
             b["prompt"] = self.prompt
         else:
             b["messages"] = self.messages

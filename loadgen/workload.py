@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +22,7 @@ from loadgen.workflow import Call, Segment, Workflow, segment
 
 CONTEXT_MODES = ("none", "predecessors", "history")
 DEFAULT_MODEL = "llama-3.1-8b"
+WORKLOADS_DIR = Path(__file__).resolve().parent / "workloads"  # shipped as package data
 
 
 @dataclass(slots=True, frozen=True)
@@ -91,8 +91,7 @@ class ExpandOptions:
 
 def builtin_workloads() -> list[str]:
     """Names of the templates shipped in loadgen/workloads/."""
-    root = resources.files("loadgen") / "workloads"
-    return sorted(p.name[: -len(".yaml")] for p in root.iterdir() if p.name.endswith(".yaml"))
+    return sorted(p.stem for p in WORKLOADS_DIR.glob("*.yaml"))
 
 
 def load_template(name_or_path: str) -> Template:
@@ -102,7 +101,7 @@ def load_template(name_or_path: str) -> Template:
         if not path.is_file():
             raise TemplateError(f"workload file {name_or_path!r} not found")
         return parse_template(yaml.safe_load(path.read_text()), source=str(path), base_dir=path.parent)
-    res = resources.files("loadgen") / "workloads" / f"{name_or_path}.yaml"
+    res = WORKLOADS_DIR / f"{name_or_path}.yaml"
     if not res.is_file():
         raise TemplateError(f"unknown workload {name_or_path!r}; built-ins: {', '.join(builtin_workloads())}")
     return parse_template(yaml.safe_load(res.read_text()), source=name_or_path)

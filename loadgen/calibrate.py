@@ -1,0 +1,107 @@
+"""Cluster capacity for `--load`: saturated workflow throughput, measured in the simulator.
+
+Capacity = workflows completed per second while the cluster is saturated. Calibration sends
+`n` workflows of the same workload (think times zeroed: tool time uses no GPU) all at t=0 to
+the same simulated cluster under `least_loaded` routing (a neutral reference, no prediction),
+and takes the completion rate between the 20th and 80th percentile of completion times, which
+leaves out the ramp-up and the drain tail. `--load L` then offers L x capacity workflows/s.
+Results are cached on disk, keyed by everything that changes them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from loadgen.simulate import SimConfig, simulate
+from loadgen.workflow import Workflow
+
+REFERENCE_POLICY = "least_loaded"
+WINDOW = (0.2, 0.8)
+
+
+@dataclass(slots=True, frozen=True)
+class Capacity:
+    """Measured saturated throughput and how it was measured."""
+
+    workflows_per_s: float
+    requests_per_s: float
+    workflows: int
+    window_s: float
+    policy: str = REFERENCE_POLICY
+    cached: bool = False
+
+    def as_dict(self) -> dict[str, float | int | str | bool]:
+        return dataclasses.asdict(self)
+
+
+def _cache_path() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "pythia-loadgen" / "calibration.json"
+
+
+def _zero_think(wfs: list[Workflow]) -> list[Workflow]:
+    out = []
+    for w in wfs:
+        calls = [dataclasses.replace(c, think_time_s=0.0) for c in w.calls]
+        out.append(dataclasses.replace(w, calls=calls, arrival_s=0.0))
+    return out
+
+
+def measure_capacity(
+    make_workflows: Callable[[int], list[Workflow]],
+    cfg: SimConfig,
+    n: int,
+    cache_key: str = "",
+) -> Capacity:
+    """Saturated throughput of `cfg`'s cluster for the workflows `make_workflows(n)` returns."""
+    key = ""
+    if cache_key:
+        pools = [dataclasses.asdict(p) for p in cfg.pools]
+        raw = json.dumps([cache_key, n, pools, cfg.model, cfg.engine_overrides, cfg.seed, 2], sort_keys=True)
+        key = hashlib.sha256(raw.encode()).hexdigest()[:32]
+        cached = _read_cache().get(key)
+        if cached:
+            return Capacity(**{**cached, "cached": True})
+    wfs = _zero_think(make_workflows(n))
+    ref = dataclasses.replace(cfg, policy=REFERENCE_POLICY, use_predictor=False)
+    res = simulate(ref, wfs)
+    ends = sorted(w.end_s for w in res.workflows if w.ok)
+    if len(ends) < 5:
+        raise ValueError("calibration failed: too few workflows completed (is the workload too large for the cluster?)")
+    lo, hi = int(len(ends) * WINDOW[0]), int(len(ends) * WINDOW[1]) - 1
+    span = max(ends[hi] - ends[lo], 1e-9)
+    wps = (hi - lo) / span
+    calls_per_wf = sum(len(w.calls) for w in wfs) / len(wfs)
+    cap = Capacity(wps, wps * calls_per_wf, n, span)
+    if key:
+        _write_cache(key, cap)
+    return cap
+
+
+def _read_cache() -> dict[str, dict[str, float]]:
+    try:
+        data = json.loads(_cache_path().read_text())
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _write_cache(key: str, cap: Capacity) -> None:
+    path = _cache_path()
+    try:
+        data = _read_cache()
+        d = cap.as_dict()
+        d.pop("cached", None)
+        data[key] = d
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(data, indent=1))
+        tmp.replace(path)
+    except OSError:
+        pass  # a read-only home only costs a re-calibration next time

@@ -1,0 +1,276 @@
+"""Open-loop HTTP driver: sends each workflow's calls at their scheduled times and records what came back.
+
+Workflows arrive on their own schedule whatever the server does (open loop). A call is
+scheduled when its dependencies complete plus its think time; every latency counts from
+that scheduled time, so a slow client or server shows up as latency, never as a lower rate.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+import orjson
+
+from loadgen.metrics import RequestRecord, WorkflowRecord
+from loadgen.workflow import Call, Workflow
+
+DONE = b"[DONE]"
+
+
+@dataclass(slots=True)
+class DriverConfig:
+    """How to reach the target and what to send."""
+
+    target: str  # base URL, e.g. http://127.0.0.1:8000 (a trailing /v1 is accepted)
+    tagged: bool = True  # send X-Pythia-* headers
+    model: str = ""  # overrides each call's model when set
+    stream: bool = True
+    ignore_eos: bool = True
+    connect_timeout_s: float = 10.0
+    request_timeout_s: float = 600.0  # whole request, from send to the last byte
+    max_connections: int = 0  # 0 = unlimited (open loop: never queue in the client)
+    api_key: str = ""
+    extra_headers: dict[str, str] = field(default_factory=dict)
+    drain_timeout_s: float = 600.0  # after the last arrival, how long to wait for in-flight work
+
+    def base(self) -> str:
+        b = self.target.rstrip("/")
+        return b[: -len("/v1")] if b.endswith("/v1") else b
+
+
+@dataclass(slots=True)
+class RunRecords:
+    """Everything a live run measured."""
+
+    requests: list[RequestRecord]
+    workflows: list[WorkflowRecord]
+    started_wall: float  # time.time() at t=0
+    duration_s: float
+    cancelled: bool = False
+
+
+ProgressFn = Callable[[RequestRecord], None]
+
+
+class Driver:
+    """Runs a list of workflows against one target; use `await Driver(cfg).run(workflows)`."""
+
+    def __init__(self, cfg: DriverConfig, progress: ProgressFn | None = None) -> None:
+        self.cfg = cfg
+        self.progress = progress
+        self.requests: list[RequestRecord] = []
+        self.workflows: list[WorkflowRecord] = []
+        self.inflight = 0
+        self._t0 = 0.0
+        self._session: aiohttp.ClientSession | None = None
+        base = cfg.base()
+        self._url_chat = f"{base}/v1/chat/completions"
+        self._url_completions = f"{base}/v1/completions"
+        self._headers = {"Content-Type": "application/json", **cfg.extra_headers}
+        if cfg.api_key:
+            self._headers["Authorization"] = f"Bearer {cfg.api_key}"
+
+    async def run(self, workflows: Sequence[Workflow]) -> RunRecords:
+        """Send every workflow at its arrival time; returns when all finished or the drain timed out."""
+        loop = asyncio.get_running_loop()
+        connector = aiohttp.TCPConnector(limit=self.cfg.max_connections, limit_per_host=0, ttl_dns_cache=300,
+                                         enable_cleanup_closed=True)
+        timeout = aiohttp.ClientTimeout(total=self.cfg.request_timeout_s, sock_connect=self.cfg.connect_timeout_s)
+        tasks: set[asyncio.Task[None]] = set()
+        cancelled = False
+        async with aiohttp.ClientSession(connector=connector, timeout=timeout, json_serialize=lambda o: orjson.dumps(o).decode(),
+                                         auto_decompress=False) as session:
+            self._session = session
+            self._t0 = loop.time()
+            started_wall = time.time()
+            ordered = sorted(workflows, key=lambda w: w.arrival_s)
+            try:
+                for wf in ordered:
+                    delay = self._t0 + wf.arrival_s - loop.time()
+                    if delay > 0:
+                        await asyncio.sleep(delay)
+                    rec = WorkflowRecord(wf.workflow_id, wf.app, wf.arrival_s, calls=len(wf.calls))
+                    self.workflows.append(rec)
+                    t = loop.create_task(self._workflow(wf, rec))
+                    tasks.add(t)
+                    t.add_done_callback(tasks.discard)
+                if tasks:
+                    _, still = await asyncio.wait(set(tasks), timeout=self.cfg.drain_timeout_s)
+                    for t in still:
+                        t.cancel()
+                    if still:
+                        await asyncio.wait(still, timeout=5)
+            except asyncio.CancelledError:
+                cancelled = True
+                for t in tasks:
+                    t.cancel()
+                if tasks:
+                    await asyncio.wait(set(tasks), timeout=5)
+            duration = loop.time() - self._t0
+        return RunRecords(self.requests, self.workflows, started_wall, duration, cancelled)
+
+    async def _workflow(self, wf: Workflow, rec: WorkflowRecord) -> None:
+        loop = asyncio.get_running_loop()
+        start = self._t0 + wf.arrival_s
+        calls = wf.calls
+        if len(calls) == 1 and not calls[0].depends_on:  # the common trace case: no bookkeeping needed
+            r = await self._call(calls[0], start + calls[0].think_time_s)
+            rec.failed_calls += not r.ok
+            rec.end_s, rec.done = r.end_s, True
+            return
+        end_at: list[float | None] = [None] * len(calls)
+        ok: list[bool] = [False] * len(calls)
+        events = [asyncio.Event() for _ in calls]
+
+        async def one(c: Call) -> None:
+            try:
+                if c.depends_on:
+                    for d in c.depends_on:
+                        await events[d].wait()
+                    if not all(ok[d] for d in c.depends_on):  # a failed step ends its branch
+                        rec.failed_calls += 1
+                        return
+                    ready = max(end_at[d] or start for d in c.depends_on)
+                else:
+                    ready = start
+                r = await self._call(c, ready + c.think_time_s)
+                ok[c.index] = r.ok
+                rec.failed_calls += not r.ok
+                end_at[c.index] = self._t0 + r.end_s
+                rec.end_s = max(rec.end_s, r.end_s)
+            finally:
+                events[c.index].set()
+
+        await asyncio.gather(*(one(c) for c in calls))
+        rec.done = True
+        if rec.end_s == 0.0:
+            rec.end_s = loop.time() - self._t0
+
+    async def _call(self, call: Call, at: float) -> RequestRecord:
+        loop = asyncio.get_running_loop()
+        t0 = self._t0
+        rec = RequestRecord(call.workflow_id, call.app, call.role, call.index, scheduled_s=at - t0,
+                            prompt_tokens=call.prompt_tokens, expected_output_tokens=call.output_tokens)
+        self.requests.append(rec)
+        delay = at - loop.time()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        cfg = self.cfg
+        body = orjson.dumps(call.body(stream=cfg.stream, model=cfg.model or None, ignore_eos=cfg.ignore_eos))
+        headers = {**self._headers, **call.tags()} if cfg.tagged else self._headers
+        url = self._url_chat if call.chat else self._url_completions
+        assert self._session is not None
+        self.inflight += 1
+        rec.sent_s = loop.time() - t0
+        try:
+            async with self._session.post(url, data=body, headers=headers) as resp:
+                rec.status = resp.status
+                rec.replica = resp.headers.get("X-Pythia-Replica", "")
+                if resp.status != 200:
+                    await resp.read()
+                    rec.error = f"http_{resp.status}"
+                elif cfg.stream:
+                    await self._read_stream(resp, rec, loop, t0)
+                else:
+                    self._read_json(await resp.read(), rec, loop.time() - t0)
+        except TimeoutError:
+            rec.error = "timeout"
+        except aiohttp.ClientConnectorError:
+            rec.error = "connect"
+        except (aiohttp.ServerDisconnectedError, aiohttp.ClientPayloadError):
+            rec.error = "disconnect"
+        except aiohttp.ClientError as e:
+            rec.error = f"client_{type(e).__name__}"
+        except asyncio.CancelledError:
+            rec.error = "cancelled"
+            rec.end_s = loop.time() - t0
+            self.inflight -= 1
+            raise
+        finally:
+            if rec.end_s == 0.0:
+                rec.end_s = loop.time() - t0
+        self.inflight -= 1
+        if self.progress is not None:
+            self.progress(rec)
+        return rec
+
+    async def _read_stream(self, resp: aiohttp.ClientResponse, rec: RequestRecord, loop: asyncio.AbstractEventLoop,
+                           t0: float) -> None:
+        chunks = 0
+        last = 0.0
+        usage: dict[str, Any] | None = None
+        finished = False
+        async for line in resp.content:
+            if not line.startswith(b"data:"):
+                continue
+            data = line[5:].strip()
+            if data == DONE:
+                finished = True
+                break
+            now = loop.time() - t0
+            try:
+                ev = orjson.loads(data)
+            except orjson.JSONDecodeError:
+                rec.error = "invalid_stream"
+                return
+            if "error" in ev:
+                rec.error = "stream_error"
+                return
+            if ev.get("usage"):
+                usage = ev["usage"]
+            for ch in ev.get("choices") or ():
+                delta = ch.get("delta")
+                text = (delta.get("content") or delta.get("reasoning_content")) if delta else ch.get("text")
+                if text:
+                    if rec.first_token_s is None:
+                        rec.first_token_s = now
+                    else:
+                        rec.itl_s.append(now - last)
+                    last = now
+                    chunks += 1
+        rec.end_s = loop.time() - t0
+        if not finished and chunks == 0:
+            rec.error = "empty_stream"
+            return
+        rec.ok = True
+        self._usage(rec, usage, chunks)
+
+    def _read_json(self, raw: bytes, rec: RequestRecord, now: float) -> None:
+        try:
+            body = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            rec.error = "invalid_json"
+            return
+        rec.end_s = now
+        rec.first_token_s = now  # without streaming the first token arrives with the last
+        rec.ok = True
+        self._usage(rec, body.get("usage"), 0)
+
+    @staticmethod
+    def _usage(rec: RequestRecord, usage: dict[str, Any] | None, chunks: int) -> None:
+        if usage:
+            rec.prompt_tokens = int(usage.get("prompt_tokens") or rec.prompt_tokens)
+            rec.output_tokens = int(usage.get("completion_tokens") or chunks)
+            details = usage.get("prompt_tokens_details") or {}
+            rec.cached_tokens = int(details.get("cached_tokens") or 0)
+        else:
+            rec.output_tokens = chunks
+
+
+async def fetch_models(target: str, timeout_s: float = 5.0) -> list[str]:
+    """Model ids the target serves (GET /v1/models); [] when it does not answer."""
+    base = DriverConfig(target).base()
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout_s)) as s, \
+                s.get(f"{base}/v1/models") as r:
+            if r.status != 200:
+                return []
+            body = orjson.loads(await r.read())
+            return [m["id"] for m in body.get("data", []) if isinstance(m, dict) and "id" in m]
+    except (aiohttp.ClientError, TimeoutError, orjson.JSONDecodeError, KeyError):
+        return []
