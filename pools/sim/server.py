@@ -253,14 +253,6 @@ class SimServer:
         obj = "chat.completion.chunk" if chat else "text_completion"
         head = {"id": rid, "object": obj, "created": created, "model": parsed.model}
         send: Callable[[bytes], Awaitable[None]] = resp.write
-        if chat:
-            first = {
-                "index": 0,
-                "delta": {"role": "assistant", "content": ""},
-                "logprobs": None,
-                "finish_reason": None,
-            }
-            await send(b"data: " + orjson.dumps({**head, "choices": [first]}) + b"\n\n")
         text = None
         sent = 0
         while True:
@@ -269,8 +261,16 @@ class SimServer:
                 ev = queue.get_nowait()
             if ev.kind is EventKind.PREEMPTED:
                 continue
-            if text is None:
+            if text is None:  # vLLM sends the role chunk with the first engine output
                 text = TextStream(self.engine.generation_seed(rid))
+                if chat:
+                    role = {
+                        "index": 0,
+                        "delta": {"role": "assistant", "content": ""},
+                        "logprobs": None,
+                        "finish_reason": None,
+                    }
+                    await send(b"data: " + orjson.dumps({**head, "choices": [role]}) + b"\n\n")
             n = ev.output_tokens - sent
             if n <= 0 and ev.kind is not EventKind.FINISHED:
                 continue
