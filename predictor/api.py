@@ -402,8 +402,15 @@ class Predictor:
         fp_total = sum(fps.values())
         n = sum(r.fanout.values())
         dist = tuple(sorted((w, c / n) for w, c in r.fanout.items())) if n > 0 else ()
-        return RoleView(upd, model.generation, r.calls, r.output.mean, r.output.quantile(self.settings.bound_quantile),
+        return RoleView(upd, model.generation, r.calls, r.output.mean, r.output.quantile(self._bound_q(r.output.total)),
                         r.fanout_mean(), dist, max(fps.values()) / fp_total if fp_total > 0 else 0.0)
+
+    def _bound_q(self, n: float) -> float:
+        """The quantile to report as a bound from `n` samples (see `bound_confidence_z`)."""
+        q = self.settings.bound_quantile
+        if n <= 0:
+            return q
+        return min(0.999, q + self.settings.bound_confidence_z * math.sqrt(q * (1 - q) / n))
 
     def _state_view(self, model: AppModel, role: str, k: int) -> StateView:
         """Cached per-state predictions, refreshed like `_role_view`."""
@@ -471,7 +478,8 @@ class Predictor:
         s = self.settings
         # a prompt that shares more than the role's system prompt with a live workflow's latest prompt
         # (it continues it, or repeats the task text of a running fan-out) belongs to that workflow
-        wid, _blocks = self.live.longest_prefix(app, f.prefix_hashes, _system_blocks(f) + 1)
+        # (block _system_blocks(f) still mixes the system prompt's end with generic markers: not evidence)
+        wid, _blocks = self.live.longest_prefix(app, f.prefix_hashes, _system_blocks(f) + 2)
         if wid and self.live.get(app, wid) is not None:
             self.counters["linked_prefix"] += 1
             return wid, True
@@ -528,7 +536,7 @@ class Predictor:
             last = wf.last_hashes
             if last and len(f.prefix_hashes) > len(last) and _common_prefix(f.prefix_hashes, last) >= len(last):
                 return False  # it continues the latest prompt: the next turn of a loop, not a sibling
-            if _common_prefix(f.prefix_hashes, cur.hashes) > _system_blocks(f):
+            if _common_prefix(f.prefix_hashes, cur.hashes) >= _system_blocks(f) + 2:
                 return now - cur.started <= self.settings.sibling_window_s  # same task context: a fan-out
             if need_evidence:
                 return False

@@ -50,6 +50,17 @@ class LiveWorkflow:
         return sum(s.width for s in self.steps)
 
 
+DENSE = 8  # blocks indexed one by one right after the system prompt
+STRIDE = 8  # then every STRIDE-th block (absolute position), so a long prompt costs few index entries
+
+
+def _positions(n: int, skip: int) -> list[int]:
+    """Block positions of an n-block prompt that the link index uses (ascending)."""
+    dense = min(n, skip + DENSE)
+    first = dense + (-dense) % STRIDE
+    return [*range(skip, dense), *range(first, n, STRIDE)]
+
+
 class LiveTable:
     """Live workflows by (app, id), oldest-active first, plus a prefix-hash index for linking."""
 
@@ -101,26 +112,18 @@ class LiveTable:
                 break
         return out
 
-    def set_prompt(self, wf: LiveWorkflow, hashes: tuple[int, ...], skip: int, stride: int = 4,
-                   max_indexed: int = 2048) -> None:
+    def set_prompt(self, wf: LiveWorkflow, hashes: tuple[int, ...], skip: int, max_indexed: int = 2048) -> None:
         """Index a prompt of the workflow for linking: later calls may continue any of its prompts
-        (a coder retry continues the coder's prompt, not the tester's in between). Blocks after the
-        system prompt are indexed, every one near the start (where task texts differ), then every
-        `stride`-th, and the last."""
+        (a coder retry continues the coder's prompt, not the tester's in between). Indexed: the
+        first DENSE blocks after the system prompt (where task texts differ), then every STRIDE-th."""
         wf.last_hashes = hashes
         if not hashes:
             return
         idx = self.hash_index.setdefault(wf.app, {})
-        n = len(hashes)
         new = wf.indexed
         wid = wf.wid
-        skip = max(skip, 0)
-        dense = min(n, skip + 16)
-        positions = [*range(skip, dense), *range(dense + (-dense) % stride, n, stride)]
-        if n - 1 >= dense:
-            positions.append(n - 1)
         get = idx.get
-        for i in positions:
+        for i in _positions(len(hashes), skip):
             h = hashes[i]
             if get(h) != wid:
                 idx[h] = wid
@@ -161,15 +164,15 @@ class LiveTable:
             hashes.clear()
 
     def longest_prefix(self, app: str, hashes: tuple[int, ...], min_blocks: int) -> tuple[str, int]:
-        """The live workflow whose latest prompt shares the longest block prefix with `hashes`.
-
-        Returns (workflow id, blocks shared) or ("", 0); matches of `min_blocks` or fewer (the
-        role's fixed system prompt, which every workflow shares) do not count.
+        """The live workflow whose prompts share the longest block prefix with `hashes` (to the
+        indexing granularity). Returns (workflow id, blocks shared) or ("", 0); matches of fewer than
+        `min_blocks` (the role's fixed system prompt, which every workflow shares) do not count.
         """
         idx = self.hash_index.get(app)
         if not idx:
             return "", 0
-        for i in range(len(hashes) - 1, min_blocks - 1, -1):
+        skip = max(min_blocks - 1, 0)
+        for i in reversed(_positions(len(hashes), skip)):
             wid = idx.get(hashes[i])
             if wid is not None:
                 return wid, i + 1

@@ -57,7 +57,7 @@ class LogSketch:
         return self.sum / self.total if self.total > 0 else 0.0
 
     def quantile(self, q: float) -> int:
-        """Upper integer edge of the bucket where the `q` quantile falls (0 when empty)."""
+        """The `q` quantile, log-interpolated inside its bucket and rounded up (0 when empty)."""
         if self.total <= 0:
             return 0
         target = q * self.total
@@ -67,10 +67,14 @@ class LogSketch:
             c = self.counts[b]
             if c <= 0:
                 continue
+            if acc + c >= target - 1e-9:
+                if b <= 1:
+                    return bucket_upper(b)
+                # log-interpolate inside the bucket: removes most of the rounding-up bias of the edge
+                frac = min(1.0, max(0.0, (target - acc) / c))
+                return min(bucket_upper(b), math.ceil(GAMMA ** (b - 1 + frac)))
             acc += c
             last = b
-            if acc >= target - 1e-9:
-                return bucket_upper(b)
         return bucket_upper(last)
 
     def merge(self, other: LogSketch) -> None:

@@ -27,13 +27,16 @@ def feats(role: str, body: str, max_tokens: int | None = None) -> RequestFeature
 
 def run_workflow(p: Predictor, app: str, wid: str, steps: list[tuple[str, int, int]], t0: float,
                  tagged: bool = True) -> list[Prediction]:
-    """Drive one workflow: steps of (role, parallel width, output tokens); returns the predictions."""
+    """Drive one workflow: steps of (role, parallel width, output tokens); returns the predictions.
+
+    Every prompt is the role's system prompt, the workflow's task text, then text of its own."""
     t = t0
     preds = []
+    task = f"task {wid or t0} " * 60
     for i, (role, width, out) in enumerate(steps):
         calls = []
         for j in range(width):
-            f = feats(role, f"task {wid} " * 60 + f"step {i} part {j} " * 30)
+            f = feats(role, task + f"step {i} part {j} " * 30)
             tags = Tags(app=app, workflow=wid, agent=role) if tagged else Tags()
             pr = p.predict(tags, f, t)
             preds.append(pr)
