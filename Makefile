@@ -29,7 +29,7 @@ lint: $(STAMP)
 	$(BIN)/mypy
 
 bench-predictor: $(STAMP)
-	$(BIN)/python -m predictor.bench --out docs/results/predictor.json
+	$(BIN)/python -m loadgen.bench_predictor --out docs/results/predictor.json
 
 bench-routing: $(STAMP)
 	$(BIN)/pythia-loadgen compare --policies round_robin,least_loaded,session,prefix,llmd,pythia --ablations \
