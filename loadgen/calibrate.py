@@ -17,6 +17,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from loadgen.simulate import SimConfig, simulate
 from loadgen.workflow import Workflow
@@ -84,7 +85,7 @@ def measure_capacity(
     return cap
 
 
-def _read_cache() -> dict[str, dict[str, float]]:
+def _read_cache() -> dict[str, dict[str, Any]]:
     try:
         data = json.loads(_cache_path().read_text())
         return data if isinstance(data, dict) else {}

@@ -101,7 +101,8 @@ def _live_parser(sub: argparse._SubParsersAction, name: str, help_: str) -> argp
     p.add_argument("--target", required=True, help="base URL of an OpenAI-compatible server (gateway, vLLM, sim)")
     p.add_argument("--model", default="", help="model name (default: the first of the target's /v1/models)")
     p.add_argument("--metrics-url", action="append", default=[],
-                   help="replica base URLs whose /metrics to diff (repeat or comma-separate); the target is always tried")
+                   help="replica base URLs whose /metrics to diff (repeat or comma-separate); the target and, behind a "
+                        "Pythia gateway, its replicas (GET /pythia/replicas) are always tried")
     p.add_argument("--timeout", type=float, default=600.0, help="per-request timeout, s")
     p.add_argument("--drain-timeout", type=float, default=600.0, help="wait this long for in-flight work at the end")
     p.add_argument("--no-stream", action="store_true", help="non-streaming requests (TTFT = e2e)")
@@ -115,7 +116,7 @@ async def _live(a: argparse.Namespace, mode: str) -> dict[str, Any]:
 
     from loadgen.driver import Driver, DriverConfig, fetch_models
     from loadgen.results import make_result, result_entry
-    from loadgen.scrape import counters_delta, scrape
+    from loadgen.scrape import counters_delta, discover_replicas, scrape
 
     model = a.model
     if not model:
@@ -125,7 +126,8 @@ async def _live(a: argparse.Namespace, mode: str) -> dict[str, Any]:
     if not workflows:
         raise SystemExit("pythia-loadgen: the workload produced no workflows (raise --duration or --rate)")
     total_calls = sum(len(w.calls) for w in workflows)
-    urls = [a.target, *_metrics_urls(a.metrics_url)]
+    # a Pythia gateway lists its replicas: diff their counters too (its own /metrics has no vllm: names)
+    urls = list(dict.fromkeys([a.target, *_metrics_urls(a.metrics_url), *await discover_replicas(a.target)]))
     before = await scrape(urls)
     cfg = DriverConfig(target=a.target, tagged=not a.untagged, model=a.model, stream=not a.no_stream,
                        request_timeout_s=a.timeout, max_connections=a.max_connections, api_key=a.api_key,

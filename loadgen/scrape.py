@@ -97,3 +97,24 @@ def counters_delta(before: CounterSnapshot, after: CounterSnapshot) -> EngineCou
         preemptions=after.preemptions - before.preemptions if after.seen_preemptions else None,
         source="metrics",
     )
+
+
+async def discover_replicas(target: str, timeout_s: float = 3.0) -> list[str]:
+    """Replica URLs behind a Pythia gateway (GET /pythia/replicas); [] for any other server."""
+    base = target.rstrip("/")
+    if base.endswith("/v1"):
+        base = base[:-3]
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout_s)) as s, \
+                s.get(f"{base}/pythia/replicas") as r:
+            if r.status != 200:
+                return []
+            body = await r.json(content_type=None)
+    except (aiohttp.ClientError, TimeoutError, ValueError):
+        return []
+    urls: list[str] = []
+    for pool in body.get("pools", []) if isinstance(body, dict) else []:
+        for rep in pool.get("replicas", []) if isinstance(pool, dict) else []:
+            if isinstance(rep, dict) and isinstance(rep.get("url"), str):
+                urls.append(rep["url"])
+    return urls
