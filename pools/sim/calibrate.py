@@ -19,7 +19,7 @@ from pools.sim.engine import SimEngine
 from pools.sim.request import SimRequest
 from pools.sim.virtual import Arrival, run_trace
 
-DATA = Path(__file__).with_name("calibration") / "lambda_vllm060.json"
+DATA_DIR = Path(__file__).with_name("calibration")
 
 
 @dataclass(slots=True)
@@ -61,9 +61,15 @@ def _decode_ms(preset: str) -> float:
     return (r.finish_time - r.first_token_time) / (r.output_tokens - 1) * 1000
 
 
-def calibrate(data_path: Path = DATA) -> list[Row]:
-    """Every comparison the reference data allows, one Row each."""
-    data = json.loads(data_path.read_text())
+def calibrate(data_dir: Path = DATA_DIR) -> list[Row]:
+    """Every comparison the reference data files allow, one Row each."""
+    rows: list[Row] = []
+    for path in sorted(data_dir.glob("*.json")):
+        rows += _calibrate_file(json.loads(path.read_text()))
+    return rows
+
+
+def _calibrate_file(data: dict) -> list[Row]:
     rows: list[Row] = []
     for run in data["runs"]:
         preset, src = run["preset"], run["file"]

@@ -14,6 +14,7 @@ import heapq
 import math
 import random
 import struct
+from bisect import bisect_left
 from collections import deque
 from dataclasses import dataclass
 from typing import Any
@@ -464,6 +465,8 @@ class SimEngine:
         self._step_end = None
         stats = self.metrics
         token_events = self._token_events
+        itl = stats.itl
+        itl_buckets = itl.buckets
         finished = False
         for r, n in batch.items():
             if r.done:
@@ -481,8 +484,11 @@ class SimEngine:
                 stats.ttft.observe(t - res.arrival_time)
                 stats.prompt_tokens += r.prompt_len
                 events.append(RequestEvent(EventKind.FIRST_TOKEN, r.request_id, t, r.cached_tokens, 1))
-            else:
-                stats.itl.observe(t - r.last_token_time)
+            else:  # inlined Histogram.observe: this runs once per generated token
+                dt = t - r.last_token_time
+                itl.counts[bisect_left(itl_buckets, dt)] += 1
+                itl.sum += dt
+                itl.count += 1
                 if token_events and r.num_output < r.target:  # the last token rides on FINISHED
                     events.append(
                         RequestEvent(EventKind.TOKEN, r.request_id, t, r.cached_tokens, r.num_output)

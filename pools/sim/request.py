@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import struct
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -12,6 +13,8 @@ import xxhash
 from pools.sim.tokenizer import BYTES_PER_TOKEN, flatten_messages
 
 _digest = xxhash.xxh3_64_intdigest
+_pack3 = struct.Struct("<BQQ").pack
+_MASK = (1 << 64) - 1
 
 
 class EventKind(enum.Enum):
@@ -127,13 +130,16 @@ class SimRequest:
             return out
         hb = self.hash_block_tokens
         ids = self.hash_ids
+        unique = _digest(self.request_id.encode())
         for i in range(n_full):
             a, b = i * block_size, (i + 1) * block_size - 1
             ia, ib = a // hb, b // hb
-            if ib < len(ids):
+            if ib >= len(ids):  # past the trace's hashed blocks: content unique to this request
+                key = _pack3(2, unique, i)
+            elif ia == ib:  # the usual case: the block lies inside one hash block
+                key = _pack3(1, ids[ia] & _MASK, a - ia * hb)
+            else:
                 key = repr((ids[ia : ib + 1], a - ia * hb)).encode()
-            else:  # past the trace's hashed blocks: content unique to this request
-                key = repr(("unique", self.request_id, i)).encode()
             h = _digest(key, seed=h)
             out.append(h)
         return out
