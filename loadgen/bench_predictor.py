@@ -284,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rate", type=float, default=0.1, help="workflow arrivals per virtual second")
     ap.add_argument("--idle-s", type=float, default=60.0, help="workflow_idle_s of the predictor")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--repeats", type=int, default=3, help="timing passes (per-call minimum is reported)")
+    ap.add_argument("--repeats", type=int, default=5, help="timing passes (per-call minimum is reported)")
     ap.add_argument("--out", default="docs/results/predictor.json")
     args = ap.parse_args(argv)
     workloads = [w for w in args.workloads.split(",") if w]

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from predictor.live import LiveTable, LiveWorkflow, StepRec
-from predictor.model import END, K_MAX, AppModel, clean_role
+from predictor.model import END, K_MAX, AppModel, RoleStats, clean_role
 from predictor.settings import PredictorSettings, build_settings
 from predictor.sketch import bucket_of
 from predictor.store import MemoryStore, Store
@@ -438,13 +438,11 @@ class Predictor:
         next_roles = tuple(NextRole(n, c / kept_total) for n, c in ordered if n != END) if kept_total else ()
         top = ordered[0][0] if ordered else ""
         # remaining work after this step: from this state, else the role summed over k, else the app
-        rem_sk = st.remaining if st is not None else None
-        if rem_sk is None or rem_sk.total < s.min_state_count:
-            rem_sk = _sum_sketches([x.remaining for (r, _k), x in model.states.items() if r == role])
-        out_sk = st.remaining_out if st is not None and st.remaining_out.total >= s.min_state_count else \
-            _sum_sketches([x.remaining_out for (r, _k), x in model.states.items() if r == role])
-        gr_sk = st.growth if st is not None and st.growth.total >= s.min_state_count else \
-            _sum_sketches([x.growth for (r, _k), x in model.states.items() if r == role])
+        rs = model.roles.get(role) or RoleStats()
+        enough = st is not None and st.remaining.total >= s.min_state_count
+        rem_sk = st.remaining if enough and st is not None else rs.remaining
+        out_sk = st.remaining_out if enough and st is not None else rs.remaining_out
+        gr_sk = st.growth if enough and st is not None else rs.growth
         if rem_sk.total > 0:
             rem_mean, rem_bound = rem_sk.mean, rem_sk.quantile(q)
         else:
@@ -737,15 +735,6 @@ def _common_prefix(a: tuple[int, ...], b: tuple[int, ...]) -> int:
         else:
             hi = mid - 1
     return lo
-
-
-def _sum_sketches(sketches: list[Any]) -> Any:
-    from predictor.sketch import LogSketch
-
-    out = LogSketch()
-    for sk in sketches:
-        out.merge(sk)
-    return out
 
 
 def _live_state(wf: LiveWorkflow) -> dict[str, Any]:

@@ -67,6 +67,10 @@ class RoleStats:
     context_sum: float = 0.0
     context_n: float = 0.0
     updates: int = 0  # counter updates of this role or any of its states (cached predictions refresh from it)
+    # the per-state remaining-work sketches summed over k (what a state with little history backs off to)
+    remaining: LogSketch = field(default_factory=LogSketch)
+    remaining_out: LogSketch = field(default_factory=LogSketch)
+    growth: LogSketch = field(default_factory=LogSketch)
 
     def fanout_mean(self) -> float:
         """Mean parallel width of this role's steps (1 when unknown)."""
@@ -158,12 +162,29 @@ class AppModel:
                 self.lengths.sum += delta
             elif kind in ("R", "Q", "G"):
                 st = self.state(p[1], int(p[2]))
-                sk = st.remaining if kind == "R" else st.remaining_out if kind == "Q" else st.growth
-                sk.add_bucket(int(p[3]), delta)
+                r = self.role(p[1])
+                b = int(p[3])
+                if kind == "R":
+                    st.remaining.add_bucket(b, delta)
+                    r.remaining.add_bucket(b, delta)
+                elif kind == "Q":
+                    st.remaining_out.add_bucket(b, delta)
+                    r.remaining_out.add_bucket(b, delta)
+                else:
+                    st.growth.add_bucket(b, delta)
+                    r.growth.add_bucket(b, delta)
             elif kind in ("RS", "QS", "GS"):
                 st = self.state(p[1], int(p[2]))
-                sk = st.remaining if kind == "RS" else st.remaining_out if kind == "QS" else st.growth
-                sk.sum += delta
+                r = self.role(p[1])
+                if kind == "RS":
+                    st.remaining.sum += delta
+                    r.remaining.sum += delta
+                elif kind == "QS":
+                    st.remaining_out.sum += delta
+                    r.remaining_out.sum += delta
+                else:
+                    st.growth.sum += delta
+                    r.growth.sum += delta
             elif kind == "FP":
                 r = self.role(p[1])
                 r.fingerprints[p[2]] = r.fingerprints.get(p[2], 0.0) + delta
