@@ -172,8 +172,8 @@ class Driver:
                 rec.status = resp.status
                 rec.replica = resp.headers.get("X-Pythia-Replica", "")
                 if resp.status != 200:
-                    await resp.read()
                     rec.error = f"http_{resp.status}"
+                    rec.detail = _error_message(await resp.read())
                 elif cfg.stream:
                     await self._read_stream(resp, rec, loop, t0)
                 else:
@@ -220,6 +220,7 @@ class Driver:
                 return
             if "error" in ev:
                 rec.error = "stream_error"
+                rec.detail = str(ev["error"])[:300]
                 return
             if ev.get("usage"):
                 usage = ev["usage"]
@@ -260,6 +261,16 @@ class Driver:
             rec.cached_tokens = int(details.get("cached_tokens") or 0)
         else:
             rec.output_tokens = chunks
+
+
+def _error_message(raw: bytes) -> str:
+    """The message of an OpenAI-shaped error body (or the body's start)."""
+    try:
+        body = orjson.loads(raw)
+        msg = body["error"]["message"] if isinstance(body.get("error"), dict) else body.get("message", "")
+        return str(msg)[:300]
+    except (orjson.JSONDecodeError, AttributeError, KeyError, TypeError):
+        return raw[:300].decode("utf-8", "replace")
 
 
 async def fetch_models(target: str, timeout_s: float = 5.0) -> list[str]:

@@ -31,6 +31,7 @@ class RequestRecord:
     end_s: float = 0.0
     ok: bool = False
     error: str = ""  # kind: http_429, http_503, timeout, connect, disconnect, invalid_stream ...
+    detail: str = ""  # the server's error message, when it sent one
     status: int = 0
     prompt_tokens: int = 0
     output_tokens: int = 0
@@ -131,6 +132,10 @@ def summarize(
     """The summary dict of a run (the stable result-JSON fields plus distributions)."""
     ok = [r for r in requests if r.ok]
     errors = Counter(r.error or "unknown" for r in requests if not r.ok)
+    examples: dict[str, str] = {}
+    for r in requests:
+        if not r.ok and r.detail and (r.error or "unknown") not in examples:
+            examples[r.error or "unknown"] = r.detail
     done_wfs = [w for w in workflows if w.done]
     ok_wfs = [w for w in done_wfs if w.ok]
     if duration_s is None:
@@ -166,6 +171,7 @@ def summarize(
         "ok_requests": len(ok),
         "errors": len(requests) - len(ok),
         "errors_by_kind": dict(sorted(errors.items())),
+        "error_examples": examples,
         "workflows": len(workflows),
         "workflows_completed": len(ok_wfs),
         "workflows_failed": len(done_wfs) - len(ok_wfs),

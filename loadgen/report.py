@@ -59,9 +59,12 @@ def errors_text(results: dict[str, dict[str, Any]]) -> str:
     """One line per result with errors by kind (empty when there were none)."""
     out = []
     for n, r in results.items():
-        e = (r.get("summary") or {}).get("errors_by_kind") or {}
+        s = r.get("summary") or {}
+        e = s.get("errors_by_kind") or {}
         if e:
             out.append(f"{n}: errors " + ", ".join(f"{k}={v}" for k, v in e.items()))
+            for k, msg in (s.get("error_examples") or {}).items():
+                out.append(f"  {k}: {msg}")
     return "\n".join(out)
 
 
