@@ -80,6 +80,11 @@ class UpstreamResponse:
                 return v
         return None
 
+    @property
+    def at_end(self) -> bool:
+        """The whole answer has arrived and the caller has taken all of it."""
+        return self.complete and not self._chunks
+
     # -- consumer side ---------------------------------------------------------------------------
     async def wait_headers(self) -> None:
         while not self.headers_done:

@@ -149,6 +149,6 @@ async def test_sigterm_finishes_inflight_stream_and_exits_0(procs: ProcessGroup)
         gw.signal(signal.SIGTERM)
         rest = await resp.read()
     body = first + rest
-    assert body.endswith(b"data: [DONE]\n\n") and body.count(b"data: ") == 11
-    assert gw.popen.wait(15) == 0
+    assert body.endswith(b"data: [DONE]\n\n") and body.count(b"data: ") == 11, (body, gw.log_text()[-3000:])
+    assert gw.popen.wait(15) == 0, gw.log_text()[-3000:]
     assert http_status(gw.url + "/health") is None  # no longer listening
