@@ -23,7 +23,6 @@ class PredictorSettings:
     link_scan: int = 32  # recent workflows considered when linking an untagged call by the automaton
     tick_interval_s: float = 1.0  # how often the background task ends idle workflows
     link_min_prob: float = 0.05  # a workflow must expect the call's role at least this much to claim it
-    view_refresh_updates: int = 16  # counter updates after which a cached per-state view is recomputed
     # Redis store
     flush_interval_s: float = 0.1  # queued writes are sent in one pipeline this often
     refresh_interval_s: float = 0.5  # the in-process snapshot is reloaded this often
