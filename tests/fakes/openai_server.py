@@ -109,6 +109,15 @@ class FakeUpstream:
         rid = f"cmpl-{self.name}-{self.requests}"
         usage = {"prompt_tokens": 7, "completion_tokens": n, "total_tokens": 7 + n}
         if not body.get("stream"):
+            if delay:
+                self.running += 1
+                try:
+                    await asyncio.sleep(delay * n)
+                except asyncio.CancelledError:
+                    self.cancelled += 1
+                    raise
+                finally:
+                    self.running -= 1
             text = "".join(words)
             choice: dict[str, Any] = (
                 {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}

@@ -110,6 +110,24 @@ async def test_client_disconnect_cancels_upstream(cluster: Cluster) -> None:
     assert (st["cancelled"], st["running"]) == (before[replica] + 1, 0)
 
 
+async def test_client_disconnect_cancels_non_streamed_upstream(cluster: Cluster) -> None:
+    before = {u.url: (await stats(u.url))["cancelled"] for u in cluster.upstreams}
+    async with aiohttp.ClientSession() as s:
+        with pytest.raises(asyncio.TimeoutError):
+            async with s.post(
+                cluster.url + "/v1/chat/completions", data=chat(chunks=100, delay_s=0.05),
+                timeout=aiohttp.ClientTimeout(total=0.5),
+            ) as r:  # fmt: skip
+                await r.read()
+    deadline = time.monotonic() + 5.0
+    while time.monotonic() < deadline:
+        after = {u.url: (await stats(u.url))["cancelled"] for u in cluster.upstreams}
+        if sum(after.values()) == sum(before.values()) + 1:
+            break
+        await asyncio.sleep(0.05)
+    assert sum(after.values()) == sum(before.values()) + 1
+
+
 async def test_sigkilled_replica_is_skipped_then_comes_back(cluster: Cluster) -> None:
     dead = cluster.upstreams[2]
     port = int(dead.url.rsplit(":", 1)[1])
