@@ -210,6 +210,22 @@ class Gateway:
         log.info("replicas changed", extra={"pools": {p.name: len(p.replicas) for p in self.view.pools}})
         return True
 
+    async def call_replica(self, url: str, path: str, body: bytes, timeout_s: float | None = None) -> tuple[int, bytes]:
+        """POST a JSON body to one replica over the hot-path pool (for background senders such as pre-warm).
+
+        Raises gateway.upstream.UpstreamError when the replica cannot be reached or stays silent.
+        """
+        replica = self.replicas.get(url)
+        if replica is None:
+            raise KeyError(url)
+        pool = self._pool_for(replica)
+        head = request_head(b"POST", path.encode(), pool.host_header, len(body), b"Content-Type: application/json\r\n")
+        resp = await pool.request(head, body, timeout_s or self.settings.read_timeout_s)
+        try:
+            return resp.status, await resp.read_all()
+        finally:
+            resp.close()
+
     def ready(self) -> bool:
         """At least one replica is healthy."""
         return any(r.healthy for r in self.replicas.values())

@@ -69,6 +69,22 @@ async def test_replicas_added_and_removed_at_runtime(upstreams: list[TestServer]
         await server.close()
 
 
+async def test_background_senders_can_call_a_replica_over_the_pool(upstreams: list[TestServer]) -> None:
+    x = url_of(upstreams[0])
+    app = build_app(Settings(), [PoolConfig("p", 8192, (MODEL,), (x,))], ColdPredictor(), GatewayMetrics())
+    gw = app[GATEWAY_KEY]
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    try:
+        body = b'{"model":"test-model","messages":[{"role":"user","content":"warm"}],"max_tokens":1}'
+        status, data = await gw.call_replica(x, "/v1/chat/completions", body)
+        assert status == 200 and b"chat.completion" in data
+        with pytest.raises(KeyError):
+            await gw.call_replica("http://127.0.0.1:1", "/v1/chat/completions", body)
+    finally:
+        await server.close()
+
+
 async def test_unhealthy_replica_marked_down_by_active_checks(upstreams: list[TestServer]) -> None:
     x, y = (url_of(s) for s in upstreams)
     settings = Settings(routing_headers=True, health_interval_s=0.1, health_timeout_s=0.5)
