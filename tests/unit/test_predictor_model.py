@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from predictor.api import Predictor, make_predictor
 from predictor.sketch import LogSketch, bucket_of, bucket_upper
@@ -154,3 +156,68 @@ def test_garbage_never_raises_and_gives_a_cold_prediction() -> None:
 def test_unknown_setting_is_rejected_with_its_name() -> None:
     with pytest.raises(ValueError, match="prune_shar"):
         make_predictor(prune_shar=0.1)
+
+
+@given(st.lists(st.integers(min_value=1, max_value=200_000), min_size=1, max_size=400),
+       st.sampled_from([0.5, 0.9, 0.95, 0.99]))
+def test_sketch_quantile_is_within_one_bucket_of_the_exact_quantile(values: list[int], q: float) -> None:
+    sk = LogSketch()
+    for v in values:
+        sk.add(v)
+    exact = sorted(values)[max(0, math.ceil(q * len(values)) - 1)]
+    assert exact / 1.05 - 1 <= sk.quantile(q) <= exact * 1.05 + 1
+
+
+def test_untagged_roles_with_other_system_prompts_link_by_the_task_text_they_share() -> None:
+    from dataclasses import replace
+
+    from pools.prefix_hash import block_hashes
+
+    p = make_predictor(workflow_idle_s=10.0)
+    t = 0.0
+    ids = {}
+    for wf in ("alpha", "beta"):  # two workflows in flight at once, never tagged, nothing learned yet
+        for role in ("planner", "writer"):
+            body = f"the task of workflow {wf} " * 40 + f" and what the {role} adds " * 10
+            f = replace(feats(role, body), content_hashes=block_hashes(f"<|user|>{body}"))
+            pr = p.predict(Tags(), f, t)
+            p.observe(Tags(), f, pr, Outcome(True, f.prompt_tokens, 100, finished_s=t + 1))
+            ids.setdefault(wf, set()).add(pr.workflow)
+            t += 2.0
+    assert len(ids["alpha"]) == 1 and len(ids["beta"]) == 1 and ids["alpha"] != ids["beta"]
+    assert p.counters["linked_content"] == 2
+
+
+def test_the_next_prefix_carries_the_conversation_when_the_next_turn_continues_the_prompt() -> None:
+    p = make_predictor(workflow_idle_s=10.0)
+
+    def conversation(cid: str, turns: int, t: float) -> Prediction:
+        body = ""
+        pr = Prediction()
+        for turn in range(turns):
+            body += f"user {cid} asks question {turn} " * 20  # each turn resends the whole conversation
+            tags, f = Tags(app="chat", session=cid, agent="writer"), feats("writer", body)
+            pr = p.predict(tags, f, t)
+            p.observe(tags, f, pr, Outcome(True, f.prompt_tokens, 100, finished_s=t + 1))
+            t += 3.0
+        return pr
+
+    for n in range(5):
+        conversation(f"c{n}", 4, n * 100.0)
+    pr = conversation("live", 1, 9000.0)
+    assert pr.workflow == "session:live"
+    assert pr.next_roles[0].role == "writer"
+    assert pr.next_prefix_messages == ({"role": "system", "content": SYSTEMS["writer"]},
+                                       {"role": "user", "content": "user live asks question 0 " * 20})
+    assert pr.next_prefix_confidence > 0.5
+    assert p.model_json("chat")["roles"]["writer"]["transitions"]["writer"]["prefix_kept"] > 0.9
+
+
+def test_tick_ends_idle_workflows_and_learns_their_end() -> None:
+    p = make_predictor(workflow_idle_s=10.0, min_workflows=1)
+    run_workflow(p, "app", "w", [("planner", 1, 100), ("writer", 1, 100)], t0=0.0)
+    assert p.model_json("app")["workflows_finished"] == 0.0
+    assert p.tick(5.0) == 0  # not idle long enough
+    assert p.tick(100.0) == 1
+    model = p.model_json("app")
+    assert model["workflows_finished"] == 1.0 and model["end"] == {"writer": 1.0}
