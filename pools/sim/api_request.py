@@ -138,7 +138,13 @@ def parse_request(
         prompt = body.get("prompt")
         if prompt is None:
             raise ApiError(400, "'prompt' is required", param="prompt")
-        text = "".join(prompt) if isinstance(prompt, list) else prompt
+        if isinstance(prompt, list):  # vLLM treats a list as a batch of prompts: support a batch of one
+            if len(prompt) != 1:
+                raise ApiError(
+                    400, "batched prompts are not supported by the simulated engine", param="prompt"
+                )
+            prompt = prompt[0]
+        text = prompt
         max_tokens = body.get("max_tokens")
         if max_tokens is None:
             max_tokens = 16  # OpenAI's and vLLM's default for /v1/completions

@@ -127,6 +127,19 @@ async def test_models_health_and_errors(sim: Proc) -> None:
             assert r.status == 200
 
 
+async def test_client_disconnect_aborts_the_request(procs: ProcessGroup) -> None:
+    eng = start_sim(procs, "--time-scale", "1", name="abort")
+    body = chat("a long answer please", max_tokens=5000, ignore_eos=True, stream=True)
+    async with aiohttp.ClientSession(timeout=TIMEOUT) as s:
+        async with s.post(eng.url + "/v1/chat/completions", json=body) as r:
+            await r.content.readline()  # the first chunk: the request is running
+        await asyncio.sleep(0.3)  # connection closed: the server notices and aborts
+        async with s.get(eng.url + "/metrics") as r:
+            text = await r.text()
+    assert scrape(text)["vllm:num_requests_running"] == 0
+    assert 'vllm:request_success_total{finished_reason="abort",model_name="llama-3.1-8b"} 1.0' in text
+
+
 def scrape(text: str, model: str = MODEL) -> dict[str, float]:
     out: dict[str, float] = {}
     for fam in text_string_to_metric_families(text):
@@ -175,7 +188,7 @@ async def test_metrics_move_and_advertise_capacity(procs: ProcessGroup) -> None:
 
 
 async def test_wall_clock_ttfts_match_virtual_time(procs: ProcessGroup) -> None:
-    scale = 4.0
+    scale = 2.0
     eng = start_sim(procs, "--time-scale", str(scale), "--seed", "5", name="clock")
     shared = "Shared agent instructions. " * 900  # ~6000 tokens reused by half the calls
     trace = []
@@ -216,9 +229,16 @@ async def test_wall_clock_ttfts_match_virtual_time(procs: ProcessGroup) -> None:
             for i, (at, m) in enumerate(trace)
         ],
     )
-    # the same cache hits, and TTFTs within what 40 ms of wall-clock jitter on a busy machine allows
+    # The engine's own clock (virtual time in both modes) sees the same TTFTs up to when each
+    # request reached it: compare its TTFT histogram sum, which HTTP and client jitter do not touch.
+    async with aiohttp.ClientSession(timeout=TIMEOUT) as s, s.get(eng.url + "/metrics") as r:
+        engine_side = scrape(await r.text())["vllm:time_to_first_token_seconds_sum"]
+    virtual_sum = sum(r.ttft or 0.0 for r in res.values())
+    assert abs(engine_side - virtual_sum) <= 0.05 * virtual_sum + 0.02 * len(trace) * scale
+    # Per request, as the client measures it: the same cache hits, and TTFTs within what 150 ms of
+    # wall-clock jitter (a busy shared machine) allows.
     for i, (ttft_wall, cached) in enumerate(wall):
         v = res[f"r{i}"]
         assert v.ttft is not None
         assert cached == v.cached_tokens
-        assert abs(ttft_wall - v.ttft) <= 0.1 * v.ttft + 0.04 * scale, (i, ttft_wall, v.ttft)
+        assert abs(ttft_wall - v.ttft) <= 0.25 * v.ttft + 0.15 * scale, (i, ttft_wall, v.ttft)

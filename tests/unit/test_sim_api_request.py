@@ -23,8 +23,12 @@ def test_chat_request_becomes_a_sim_request() -> None:
 
 
 def test_completion_defaults_to_16_tokens_like_openai() -> None:
-    p = parse({"prompt": ["ab", "cd"]}, chat=False)
+    p = parse({"prompt": ["abcd"]}, chat=False)
     assert p.sim.max_tokens == 16 and p.sim.prompt_tokens == 1 and p.model == MODEL
+    with pytest.raises(ApiError, match="batched"):
+        parse({"prompt": ["ab", "cd"]}, chat=False)
+    with pytest.raises(ApiError):
+        parse({"prompt": [1, 2, 3]}, chat=False)  # token ids: not supported, rejected as a bad type
 
 
 @pytest.mark.parametrize(
