@@ -175,7 +175,7 @@ def test_untagged_roles_with_other_system_prompts_link_by_the_task_text_they_sha
 
     p = make_predictor(workflow_idle_s=10.0)
     t = 0.0
-    ids = {}
+    ids: dict[str, set[str]] = {}
     for wf in ("alpha", "beta"):  # two workflows in flight at once, never tagged, nothing learned yet
         for role in ("planner", "writer"):
             body = f"the task of workflow {wf} " * 40 + f" and what the {role} adds " * 10
