@@ -155,6 +155,12 @@ def parse_request(
         raise ApiError(
             400, f"Got priority {priority} but Priority scheduling is not enabled.", param="priority"
         )
+    if body.get("stream_options") is not None and not body.get("stream"):
+        raise ApiError(400, "Stream options can only be defined when `stream=True`.", param="stream_options")
+    min_tokens = body.get("min_tokens") or 0
+    if max_tokens is not None and min_tokens > max_tokens:
+        raise ApiError(400, f"min_tokens must be less than or equal to max_tokens={max_tokens}, got {min_tokens}.",
+                       param="min_tokens")  # fmt: skip
     stream_options = body.get("stream_options") or {}
     include_usage = stream_options.get("include_usage", False)
     if not isinstance(include_usage, bool):
@@ -163,7 +169,7 @@ def parse_request(
         request_id,
         text,
         max_tokens=max_tokens,
-        min_tokens=body.get("min_tokens") or 0,
+        min_tokens=min_tokens,
         ignore_eos=bool(body.get("ignore_eos", False)),
         priority=priority,
         seed=body.get("seed"),

@@ -42,6 +42,11 @@ def test_completion_defaults_to_16_tokens_like_openai() -> None:
         ({"messages": [{"content": "no role"}]}, "messages"),
         ({"messages": [{"role": "user", "content": "x"}], "priority": 1.5}, "priority"),
         ({}, "messages"),
+        (
+            {"messages": [{"role": "user", "content": "x"}], "stream_options": {"include_usage": True}},
+            "stream_options",
+        ),
+        ({"messages": [{"role": "user", "content": "x"}], "max_tokens": 5, "min_tokens": 6}, "min_tokens"),
     ],
 )
 def test_invalid_types_are_400(body: dict, param: str) -> None:
