@@ -73,9 +73,9 @@ def pythia(
     max_overflow_probability: float = 0.05,
     kv_budget: float = 1.0,
     max_inflight: int = 0,
-    spill_margin: float = 0.1,
+    spill_margin: float = 0.02,
     headroom_weight: float = 1.0,
-    prefix_weight: float = 0.3,
+    prefix_weight: float = 8.0,
     queue_weight: float = 1.0,
     aging_s: float = 60.0,
 ) -> Policy:

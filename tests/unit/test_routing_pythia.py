@@ -96,22 +96,23 @@ def test_uncertain_outputs_overflow_less_than_their_bounds_add_up() -> None:
     assert d.replica == "http://s1"
 
 
-def test_most_expected_headroom_wins_and_prefix_breaks_ties() -> None:
+def test_prefix_wins_among_eligible_replicas_and_headroom_breaks_ties() -> None:
     v, p = cluster(kv_capacity=100_000), make_policy("pythia")
     st = RoutingState(workflow_pool={"wf6": "short"})
     s1, s2, s3 = v.pools[0].replicas
     s1.inflight, s1.reserved_kv_expected_tokens, s1.reserved_kv_tokens = 1, 60_000, 60_000
     s2.inflight, s2.reserved_kv_expected_tokens, s2.reserved_kv_tokens = 1, 10_000, 10_000
-    s3.inflight, s3.reserved_kv_expected_tokens, s3.reserved_kv_tokens = 1, 10_000, 10_000
+    s3.inflight, s3.reserved_kv_expected_tokens, s3.reserved_kv_tokens = 1, 30_000, 30_000
     text = "shared system prompt " * 200
-    st.prefix_index.insert("http://s3", call(st, text).sampled_hashes())
-    # equal headroom and load on s2 and s3: s3 holds the prefix
-    assert route(call(st, text + "question", prediction=warm("wf6")), v, p).replica == "http://s3"
-    # s1 holds the prefix but has far less headroom: capacity wins over the cached prefix
+    # no replica holds the prefix: the most expected headroom wins
+    assert route(call(st, text + "question", prediction=warm("wf6")), v, p).replica == "http://s2"
+    # s1 holds the prompt's prefix and can take the call: the cached prefix saves a prefill, it wins
     st2 = RoutingState(workflow_pool={"wf6": "short"})
     st2.prefix_index.insert("http://s1", call(st2, text).sampled_hashes())
-    s1.reserved_kv_expected_tokens = s1.reserved_kv_tokens = 95_000
-    assert route(call(st2, text + "question", prediction=warm("wf6")), v, p).replica != "http://s1"
+    assert route(call(st2, text + "question", prediction=warm("wf6")), v, p).replica == "http://s1"
+    # ... but not when the call would likely overflow s1's KV cache: capacity is a hard constraint
+    s1.reserved_kv_expected_tokens = s1.reserved_kv_tokens = 99_500
+    assert route(call(st2, text + "question", prediction=warm("wf6")), v, p).replica == "http://s2"
 
 
 def test_prefix_affinity_keeps_a_workflow_on_the_replica_with_its_context() -> None:

@@ -1,4 +1,9 @@
-"""Pythia's replica score (mechanisms 2 and 3): expected KV headroom, queue depth, prefix affinity.
+"""Pythia's replica score (mechanisms 2 and 3): prefix affinity, expected KV headroom, queue depth.
+
+The KV-capacity filter runs first and is the hard constraint (no replica is pushed into overflow);
+among the eligible replicas the cached prefix weighs most (default 8 vs 1 + 1): in the simulator's
+sweeps a prefix hit (a prefill not done) shortened jobs more than balancing headroom did, so headroom
+and queue depth decide between replicas with equal matches, e.g. for a workflow's first call.
 
 One pass over the candidates computes all three, already weighted, because a decision over a
 64-replica cluster must cost under 50 us (see docs/benchmarks.md); each part can be switched off
@@ -27,7 +32,7 @@ class PythiaPlacementScorer:
     name = "pythia-placement"
 
     def __init__(
-        self, queue_weight: float = 1.0, headroom_weight: float = 1.0, prefix_weight: float = 0.3
+        self, queue_weight: float = 1.0, headroom_weight: float = 1.0, prefix_weight: float = 8.0
     ) -> None:
         self.queue_weight = queue_weight
         self.headroom_weight = headroom_weight
