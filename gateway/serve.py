@@ -8,6 +8,7 @@ worker that died unexpectedly, and cleans the shared metrics directory.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import multiprocessing as mp
 import os
@@ -27,6 +28,7 @@ from pools.types import PoolConfig
 
 log = logging.getLogger("pythia.serve")
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+_STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
 
 
 async def serve_worker(settings: Settings, pools: list[PoolConfig], worker_index: int = 0) -> None:
@@ -60,8 +62,12 @@ async def serve_worker(settings: Settings, pools: list[PoolConfig], worker_index
 def _run_worker(settings: Settings, pools: list[PoolConfig], worker_index: int) -> None:
     import uvloop
 
-    setup_logging(settings.log_level, settings.log_json)
+    # Forked with SIGTERM/SIGINT blocked and the parent's handlers installed: drop those handlers first
+    # (a SIGTERM before the loop is up then simply ends this worker), then let signals in.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides; SIGTERM is handled in the loop
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+    setup_logging(settings.log_level, settings.log_json)
     uvloop.run(serve_worker(settings, pools, worker_index))
 
 
@@ -87,17 +93,27 @@ def _supervise(settings: Settings, pools: list[PoolConfig]) -> int:
     stopping = False
     restarts: list[float] = []
 
+    live: dict[int, int] = {}  # slot -> pid of workers not yet reaped
+
     def spawn(slot: int) -> None:
         p = ctx.Process(target=_run_worker, args=(settings, pools, slot), name=f"pythia-worker-{slot}", daemon=False)
-        p.start()
+        # the child must not run our handler (it would swallow SIGTERM): it starts with these blocked
+        signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+        try:
+            p.start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
         procs[slot] = p
+        if p.pid is not None:
+            live[slot] = p.pid
 
     def on_signal(signum: int, frame: object) -> None:
+        # only os.kill here: waitpid-based calls (is_alive) must not re-enter from a signal handler
         nonlocal stopping
         stopping = True
-        for p in procs.values():
-            if p.pid is not None and p.is_alive():
-                os.kill(p.pid, signal.SIGTERM)
+        for pid in list(live.values()):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
@@ -109,10 +125,12 @@ def _supervise(settings: Settings, pools: list[PoolConfig]) -> int:
         wait_sentinels([p.sentinel for p in procs.values()], timeout=0.5)
         if stopping and deadline is None:
             deadline = time.monotonic() + settings.shutdown_grace_s + 5.0
+            on_signal(signal.SIGTERM, None)  # again, for any worker that was being forked at the time
         for slot, p in list(procs.items()):
             if p.is_alive():
                 continue
             p.join()
+            live.pop(slot, None)
             from gateway.metrics import mark_process_dead
 
             if p.pid is not None:
@@ -129,9 +147,9 @@ def _supervise(settings: Settings, pools: list[PoolConfig]) -> int:
                 continue
             spawn(slot)
         if deadline is not None and time.monotonic() > deadline:
-            for p in procs.values():
-                if p.pid is not None and p.is_alive():
-                    os.kill(p.pid, signal.SIGKILL)
+            for pid in list(live.values()):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
     return 0
 
 
