@@ -18,7 +18,9 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import time
+import uuid
 from collections.abc import Mapping
 from typing import Any, Protocol
 
@@ -30,24 +32,44 @@ from predictor.store import SnapshotSink
 
 log = logging.getLogger("pythia.predictor.redis")
 
-# Add counters only if the hash exists: a missing hash means Redis lost its data (or the app is new).
+# Apply one flushed batch (every app's counters) exactly once: KEYS[1] is the batch's id key (SET NX:
+# a batch whose answer was lost, e.g. to a timeout, is retried with the same id and skipped), KEYS[2..]
+# the apps' model hashes; ARGV = ttl, then per app: n, then n field/delta pairs. A missing hash (Redis
+# lost its data, or a new app) is not written: its 1-based app index is returned for a restore.
 APPLY_LUA = """
-if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
-for i = 1, #ARGV, 2 do redis.call('HINCRBYFLOAT', KEYS[1], ARGV[i], ARGV[i + 1]) end
-return 1
+if not redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[1]) then return {-1} end
+local missing = {}
+local a = 2
+for k = 2, #KEYS do
+  local n = tonumber(ARGV[a])
+  a = a + 1
+  if redis.call('EXISTS', KEYS[k]) == 0 then
+    table.insert(missing, k - 1)
+  else
+    for i = a, a + 2 * n - 1, 2 do redis.call('HINCRBYFLOAT', KEYS[k], ARGV[i], ARGV[i + 1]) end
+  end
+  a = a + 2 * n
+end
+return missing
 """
 
-# Restore a whole model (ARGV[2 .. 2n+1]) if the hash is still missing, then add the pending counters.
+# Restore a whole model (n base pairs) if the hash is still missing, then add the batch's counters once
+# (KEYS[2] is the id key of this app's part of the batch). ARGV = ttl, n, base pairs, batch pairs.
 RESTORE_LUA = """
-local n = tonumber(ARGV[1])
+local n = tonumber(ARGV[2])
 local restored = 0
 if redis.call('EXISTS', KEYS[1]) == 0 then
-  for i = 2, 2 * n, 2 do redis.call('HINCRBYFLOAT', KEYS[1], ARGV[i], ARGV[i + 1]) end
+  for i = 3, 2 * n + 2, 2 do redis.call('HINCRBYFLOAT', KEYS[1], ARGV[i], ARGV[i + 1]) end
   restored = 1
 end
-for i = 2 * n + 2, #ARGV, 2 do redis.call('HINCRBYFLOAT', KEYS[1], ARGV[i], ARGV[i + 1]) end
+if redis.call('SET', KEYS[2], '1', 'NX', 'EX', ARGV[1]) then
+  for i = 2 * n + 3, #ARGV, 2 do redis.call('HINCRBYFLOAT', KEYS[1], ARGV[i], ARGV[i + 1]) end
+end
 return restored
 """
+
+BATCH_ID_TTL_S = 900  # how long Redis remembers an applied batch id (retries come within the outage)
+MAX_UNACKED = 300  # unacknowledged batches kept apart (30 s of flushes); older ones are merged
 
 # Who ends a workflow that went idle: not this process if another one's live state has more calls,
 # nor if one already claimed it; else claim it (SET NX) so that exactly one process learns its end.
@@ -92,7 +114,11 @@ class RedisStore:
         self.url = url
         self.prefix = key_prefix
         self.settings = settings or PredictorSettings()
-        self._pending: dict[str, dict[str, float]] = {}  # app -> counter -> delta not yet in Redis
+        self._pending: dict[str, dict[str, float]] = {}  # app -> counter -> delta not yet sent
+        # batches sent (or to send) but not acknowledged, with their ids: retried as they are
+        self._unacked: list[tuple[str, dict[str, dict[str, float]]]] = []
+        self._batch_prefix = f"{os.getpid()}-{uuid.uuid4().hex[:12]}-"
+        self._batch_seq = 0
         self._texts: dict[str, dict[str, str]] = {}  # app -> role -> system prompt not yet in Redis
         self._live: dict[tuple[str, str], dict[str, Any]] = {}
         self._wanted: set[tuple[str, str]] = set()
@@ -143,7 +169,8 @@ class RedisStore:
     def stats(self) -> dict[str, float]:
         """Counters for /metrics: errors, flushes, refreshes, restores, whether Redis answered last time."""
         out = dict(self.counters)
-        out["redis_pending_counters"] = float(sum(len(d) for d in self._pending.values()))
+        out["redis_pending_counters"] = float(sum(len(d) for d in self._pending.values())
+                                              + sum(len(d) for _b, batch in self._unacked for d in batch.values()))
         return out
 
     # ------------------------------------------------------------------ background
@@ -206,28 +233,62 @@ class RedisStore:
             self._last_log = now
             self._errors_since_log = 0
 
-    def _requeue(self, batch: dict[str, dict[str, float]]) -> None:
-        for app, d in batch.items():
-            p = self._pending.setdefault(app, {})
-            for k, v in d.items():
-                p[k] = p.get(k, 0.0) + v
+    def _unflushed(self, app: str) -> dict[str, float]:
+        """This process's counters of `app` that Redis has not acknowledged (queued or unacked batches)."""
+        out: dict[str, float] = {}
+        for _bid, batch in self._unacked:
+            for k, v in batch.get(app, {}).items():
+                out[k] = out.get(k, 0.0) + v
+        for k, v in self._pending.get(app, {}).items():
+            out[k] = out.get(k, 0.0) + v
+        return out
+
+    def _next_batch(self) -> None:
+        """Move the queued counters into a new batch with its own id."""
+        if not any(self._pending.values()):
+            return
+        self._batch_seq += 1
+        self._unacked.append((f"{self._batch_prefix}{self._batch_seq}", self._pending))
+        self._pending = {}
+        if len(self._unacked) > MAX_UNACKED:  # a long outage: merge all but the newest few into one
+            keep = self._unacked[-4:]
+            merged: dict[str, dict[str, float]] = {}
+            for _bid, batch in self._unacked[:-4]:
+                for app, d in batch.items():
+                    m = merged.setdefault(app, {})
+                    for k, v in d.items():
+                        m[k] = m.get(k, 0.0) + v
+            self._batch_seq += 1
+            self._unacked = [(f"{self._batch_prefix}{self._batch_seq}", merged), *keep]
 
     async def _flush(self) -> None:
-        """Send queued counters, texts and live state in one pipeline; requeue on failure."""
+        """Send unacknowledged batches, texts and live state in one pipeline; keep them on failure."""
         client = self._client
         if client is None:
             return
-        batch, self._pending = self._pending, {}
+        self._next_batch()
+        batches = list(self._unacked)
         texts, self._texts = self._texts, {}
         live, self._live = self._live, {}
         ended, self._ended = self._ended, set()
         wanted, self._wanted = self._wanted, set()
-        apps = [a for a, d in batch.items() if d]
         try:
-            if apps or texts or live or ended:
+            if batches or texts or live or ended:
                 pipe = client.pipeline(transaction=False)
-                for app in apps:
-                    pipe.eval(APPLY_LUA, 1, self._key("model", app), *_pairs(batch[app]))
+                sent: list[tuple[str, list[str]]] = []
+                apps_seen: set[str] = set()
+                for bid, batch in batches:
+                    apps = [a for a, d in batch.items() if d]
+                    args: list[str] = [str(BATCH_ID_TTL_S)]
+                    for app in apps:
+                        pairs = _pairs(batch[app])
+                        args.append(str(len(pairs) // 2))
+                        args.extend(pairs)
+                    pipe.eval(APPLY_LUA, 1 + len(apps), f"{self.prefix}batch:{bid}",
+                              *[self._key("model", a) for a in apps], *args)
+                    sent.append((bid, apps))
+                    apps_seen.update(apps)
+                for app in sorted(apps_seen):
                     pipe.sadd(f"{self.prefix}apps", app)
                 for app, t in texts.items():
                     pipe.hset(self._key("text", app), mapping=dict(t))  # type: ignore[arg-type]
@@ -237,12 +298,18 @@ class RedisStore:
                 for app, wid in ended:
                     pipe.delete(f"{self.prefix}live:{app}:{wid}")
                 res = await pipe.execute()
-                missing = [app for app, r in zip(apps, res[: 2 * len(apps) : 2], strict=True) if int(r) == 0]
+                missing: list[tuple[str, str, dict[str, float]]] = []
+                for (bid, apps), r in zip(sent, res[: len(sent)], strict=True):
+                    for i in r or []:
+                        if int(i) > 0:
+                            app = apps[int(i) - 1]
+                            missing.append((bid, app, dict(next(b for b_id, b in batches if b_id == bid)[app])))
                 if missing:
-                    await self._restore(client, missing, {a: batch[a] for a in missing})
+                    await self._restore(client, missing)
+                done = {bid for bid, _ in sent}
+                self._unacked = [b for b in self._unacked if b[0] not in done]
                 self.counters["redis_flushes"] += 1
         except BaseException:
-            self._requeue(batch)
             for app, t in texts.items():
                 self._texts.setdefault(app, {}).update({r: x for r, x in t.items() if r not in self._texts[app]})
             for key, state in live.items():
@@ -279,30 +346,34 @@ class RedisStore:
             for (app, wid), verdict in zip(check_keys, got[len(keys):], strict=True):
                 self._sink.finish_checked(app, wid, verdict == "mine")
 
-    async def _restore(self, client: aioredis.Redis, apps: list[str], batch: dict[str, dict[str, float]]) -> None:
-        """The apps' hashes are missing: restore this process's model (if no one has yet) plus the batch."""
+    async def _restore(self, client: aioredis.Redis, missing: list[tuple[str, str, dict[str, float]]]) -> None:
+        """Some apps' hashes are missing: restore this process's model of each (if no process has yet),
+        then add the batch's counters that were not applied."""
         sink = self._sink
         pipe = client.pipeline(transaction=False)
-        for app in apps:
-            base: dict[str, float] = {}
-            if sink is not None:
-                # what this process knows minus what is still queued: the shared history it has seen
+        based: set[str] = set()
+        for bid, app, counters in missing:
+            base_pairs: list[str] = []
+            if sink is not None and app not in based:
+                based.add(app)
+                # what this process knows minus what Redis has not acknowledged: the history it has seen
                 base = dict(sink.model_counts(app))
-                for src in (batch.get(app, {}), self._pending.get(app, {})):
-                    for k, v in src.items():
-                        base[k] = base.get(k, 0.0) - v
-            base_pairs = _pairs({k: v for k, v in base.items() if abs(v) > 1e-9})
-            pipe.eval(RESTORE_LUA, 1, self._key("model", app), str(len(base_pairs) // 2), *base_pairs,
-                      *_pairs(batch.get(app, {})))
+                for k, v in self._unflushed(app).items():
+                    base[k] = base.get(k, 0.0) - v
+                base_pairs = _pairs({k: v for k, v in base.items() if abs(v) > 1e-9})
+            pipe.eval(RESTORE_LUA, 2, self._key("model", app), f"{self.prefix}batch:{bid}:{app}",
+                      str(BATCH_ID_TTL_S), str(len(base_pairs) // 2), *base_pairs, *_pairs(counters))
+        for app in based:
             texts = dict(sink.model_texts(app)) if sink is not None else {}
             if texts:
                 pipe.hset(self._key("text", app), mapping=texts)  # type: ignore[arg-type]
             pipe.sadd(f"{self.prefix}apps", app)
         res = await pipe.execute()
-        restored = sum(1 for r in res if r == 1 or r == "1")
+        restored = sum(1 for r in res[: len(missing)] if r == 1 or r == "1")
         if restored:
             self.counters["redis_restores"] += 1
-            log.warning("predictor Redis store: model of %s was missing (Redis restarted?); restored", apps)
+            log.warning("predictor Redis store: model of %s was missing (Redis restarted?); restored",
+                        sorted(based))
 
     async def _refresh(self) -> None:
         """Reload every app's shared counters into the in-process model (plus what is still queued)."""
@@ -321,6 +392,5 @@ class RedisStore:
             counts, texts = res[2 * i], res[2 * i + 1]
             if not counts:
                 continue  # lost or not written yet: keep what this process knows
-            sink.load_snapshot(app, {k: float(v) for k, v in counts.items()}, texts or {},
-                               self._pending.get(app, {}))
+            sink.load_snapshot(app, {k: float(v) for k, v in counts.items()}, texts or {}, self._unflushed(app))
         self.counters["redis_refreshes"] += 1

@@ -249,3 +249,31 @@ async def test_a_workflow_whose_calls_land_on_two_gateway_processes_is_learned_a
     finally:
         await a.stop()
         await b.stop()
+
+
+async def test_a_hung_redis_slows_nothing_and_its_queued_writes_arrive_when_it_answers_again(
+        redis_server: RedisServer) -> None:
+    p = make_predictor(redis_server.url, "t6:", **FAST)
+    await p.start()
+    assert redis_server.proc is not None
+    try:
+        run_workflow(p, "app", "w0", STEPS, t0=0.0)
+        await wait_until(lambda: p.stats()["redis_pending_counters"] == 0)
+        redis_server.proc.send_signal(signal.SIGSTOP)  # accepts connections, answers nothing
+        try:
+            for n in range(1, 6):
+                t0 = time.monotonic()
+                run_workflow(p, "app", f"w{n}", STEPS, t0=n * 100.0)
+                assert time.monotonic() - t0 < 0.25  # the hot path never waits on Redis (5 calls here)
+                p.tick(n * 100.0 + 50)
+                await asyncio.sleep(0.2)
+            assert p.stats()["redis_errors"] > 0  # timeouts, counted
+        finally:
+            redis_server.proc.send_signal(signal.SIGCONT)
+
+        def caught_up() -> bool:
+            return float(redis_server.client().hget("t6:model:app", "S|planner") or 0) == 6.0
+        await wait_until(caught_up)
+        assert p.stats()["predictor_errors"] == 0
+    finally:
+        await p.stop()
