@@ -53,6 +53,10 @@ class GatewayMetrics:
             "pythia_replica_healthy", "1 when the replica passes health checks (min over workers)", ["pool", "replica"],
             multiprocess_mode="livemin", registry=reg,
         )
+        self.predictor_stats = Gauge(
+            "pythia_predictor_stat", "Predictor counters (predictor.stats()), summed over workers", ["name"],
+            multiprocess_mode="livesum", registry=reg,
+        )  # fmt: skip
         self._req: dict[tuple[str, str, int], Counter] = {}
         self._ttft: dict[str, Histogram] = {}
         self._e2e: dict[str, Histogram] = {}
@@ -88,6 +92,10 @@ class GatewayMetrics:
 
     def upstream_error(self, replica: str, kind: str) -> None:
         self.upstream_errors.labels(replica, kind).inc()
+
+    def set_predictor_stats(self, stats: dict[str, float]) -> None:
+        for name, value in stats.items():
+            self.predictor_stats.labels(name).set(value)
 
     def set_healthy(self, pool: str, replica: str, healthy: bool) -> None:
         self.replica_healthy.labels(pool, replica).set(1 if healthy else 0)

@@ -135,6 +135,7 @@ class Gateway:
         )
         self.session: aiohttp.ClientSession | None = None  # passthrough calls (off the hot path)
         self.upstreams: dict[str, ReplicaPool] = {}  # completions: keep-alive pool per replica URL
+        self._stats_task: asyncio.Task[None] | None = None
         # Hooks for the admission queue and the pre-warm sender; None = not installed.
         # admission: awaited when route() says the pool is saturated (Decision.queue); returns the final decision.
         # prewarm: called (sync, must not block) with a decision's PrewarmActions before the call is forwarded.
@@ -178,8 +179,26 @@ class Gateway:
         )
         await self.monitor.start()
         await self.predictor.start()
+        self._stats_task = asyncio.create_task(self._export_predictor_stats(), name="predictor stats")
+
+    async def _export_predictor_stats(self) -> None:
+        """Copy predictor.stats() into /metrics once per scrape interval (off the hot path)."""
+        stats = getattr(self.predictor, "stats", None)
+        if stats is None:
+            return
+        while True:
+            try:
+                self.metrics.set_predictor_stats(stats())
+            except Exception:
+                log.exception("predictor stats failed")
+            await asyncio.sleep(self.settings.metrics_scrape_interval_s)
 
     async def stop(self) -> None:
+        if self._stats_task is not None:
+            self._stats_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._stats_task
+            self._stats_task = None
         await self.monitor.stop()
         try:
             await self.predictor.stop()

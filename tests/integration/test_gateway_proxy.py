@@ -205,3 +205,4 @@ async def test_metrics_count_what_happened_across_workers(cluster: Cluster) -> N
     )
     assert e2e == 10
     assert re.search(r'pythia_replica_healthy\{pool="short",replica="http://127.0.0.1:\d+"\} 1.0', after)
+    assert "pythia_predictor_stat{" in after
