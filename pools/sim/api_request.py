@@ -9,7 +9,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-from pools.sim.request import SimRequest
+from pools.sim.request import ASSISTANT_PREFIX, SimRequest
 from pools.sim.tokenizer import flatten_messages
 
 log = logging.getLogger("pythia.sim")
@@ -173,5 +173,6 @@ def parse_request(
         ignore_eos=bool(body.get("ignore_eos", False)),
         priority=priority,
         seed=body.get("seed"),
+        generation_prefix=ASSISTANT_PREFIX if chat else b"",
     )
     return ParsedRequest(sim, model, bool(body.get("stream", False)), include_usage)

@@ -26,6 +26,7 @@ from pools.sim.kv_cache import BlockPool
 from pools.sim.presets import GIB, Preset, load_preset
 from pools.sim.request import EventKind, RequestEvent, RequestResult, SimRequest
 from pools.sim.step_model import StepTimeModel
+from pools.sim.tokenizer import BYTES_PER_TOKEN, TextStream
 
 _MASK = (1 << 64) - 1
 _digest = xxhash.xxh3_64_intdigest
@@ -71,7 +72,9 @@ class _Req:
         "scheduled_once",
         "seq",
         "stop_reason",
+        "stream",
         "target",
+        "text",
     )
 
     def __init__(self, request_id: str, prompt_len: int, priority: int, seq: int) -> None:
@@ -93,6 +96,10 @@ class _Req:
         self.gen_seed = 0
         self.last_token_time = 0.0
         self.result: RequestResult | None = None
+        # text prompts: bytes from the first non-full prompt block on (prompt tail, template's
+        # answer prefix, generated text so far), extended on demand to hash answer blocks
+        self.stream: bytearray | None = None
+        self.text: TextStream | None = None
 
     def __lt__(self, other: _Req) -> bool:  # heap order for the priority policy: (priority, arrival)
         return (self.priority, self.seq) < (other.priority, other.seq)
@@ -191,7 +198,10 @@ class SimEngine:
     def generation_seed(self, request_id: str) -> int:
         """Seed of the request's generated text (pools.sim.tokenizer.TextStream)."""
         r = self._reqs.get(request_id)
-        return r.gen_seed if r is not None else 0
+        if r is not None:
+            return r.gen_seed
+        res = self._results.get(request_id)
+        return res.generation_seed if res is not None else 0
 
     # ---- driving ----------------------------------------------------------------------------
 
@@ -226,7 +236,10 @@ class SimEngine:
             )
         r.hashes = req.prompt_block_hashes(self.block_size)
         r.prompt_full_blocks = len(r.hashes)
-        r.result = RequestResult(req.request_id, now, prompt_len)
+        if req.prompt_bytes is not None:
+            r.stream = bytearray(req.prompt_bytes[r.prompt_full_blocks * self.block_size * BYTES_PER_TOKEN :])
+            r.stream += req.generation_prefix
+        r.result = RequestResult(req.request_id, now, prompt_len, generation_seed=r.gen_seed)
         self._results[req.request_id] = r.result
         self._reqs[req.request_id] = r
         self._push_waiting(r, front=False)
@@ -312,8 +325,21 @@ class SimEngine:
     def _block_hash(self, r: _Req, j: int) -> int:
         hashes = r.hashes
         while len(hashes) <= j:  # blocks past the prompt's full ones: prompt tail + generated tokens
+            k = len(hashes)
             parent = hashes[-1] if hashes else 0
-            hashes.append(_digest(_pack(r.gen_seed, len(hashes)), seed=parent))
+            if r.stream is None:  # synthetic prompt: answer blocks are unique to the generation seed
+                hashes.append(_digest(_pack(r.gen_seed, k), seed=parent))
+                continue
+            # text prompt: hash the same bytes the next turn's prompt will carry, so a conversation
+            # that sends the answer back hits the blocks holding it (as vLLM's token blocks would)
+            width = self.block_size * BYTES_PER_TOKEN
+            start = (k - r.prompt_full_blocks) * width
+            missing = start + width - len(r.stream)
+            if missing > 0:
+                if r.text is None:
+                    r.text = TextStream(r.gen_seed)
+                r.stream += r.text.next_tokens(-(-missing // BYTES_PER_TOKEN)).encode("ascii")
+            hashes.append(_digest(bytes(r.stream[start : start + width]), seed=parent))
         return hashes[j]
 
     def _allocate(self, r: _Req, computed: int, n: int, hits: list[int] | None) -> bool:

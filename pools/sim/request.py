@@ -13,6 +13,7 @@ import xxhash
 from pools.sim.tokenizer import BYTES_PER_TOKEN, flatten_messages
 
 _digest = xxhash.xxh3_64_intdigest
+ASSISTANT_PREFIX = b"<|assistant|>"  # how flatten_messages renders the answer in the next turn
 _pack3 = struct.Struct("<BQQ").pack
 _MASK = (1 << 64) - 1
 
@@ -51,6 +52,7 @@ class RequestResult:
     output_tokens: int = 0
     num_preemptions: int = 0
     finish_reason: str | None = None
+    generation_seed: int = 0  # TextStream(generation_seed).next_tokens(output_tokens) is the answer
 
     @property
     def ttft(self) -> float | None:
@@ -84,6 +86,9 @@ class SimRequest:
     prompt_bytes: bytes | None = field(default=None, repr=False)
     hash_ids: tuple[int, ...] = field(default=(), repr=False)
     hash_block_tokens: int = 512
+    # bytes the chat template puts between the prompt and the answer; the next turn's prompt
+    # repeats them, so blocks holding prompt tail + answer can be prefix-cache hits
+    generation_prefix: bytes = field(default=b"", repr=False)
 
     @classmethod
     def from_text(cls, request_id: str, text: str, **kw: Any) -> SimRequest:
@@ -94,6 +99,7 @@ class SimRequest:
     @classmethod
     def from_messages(cls, request_id: str, messages: Iterable[Mapping[str, Any]], **kw: Any) -> SimRequest:
         """A chat request: messages flattened like the gateway's prefix hashing does."""
+        kw.setdefault("generation_prefix", ASSISTANT_PREFIX)
         return cls.from_text(request_id, flatten_messages(messages), **kw)
 
     @classmethod

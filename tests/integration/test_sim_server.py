@@ -100,6 +100,21 @@ async def test_repeated_prompt_reports_cached_tokens(sim: Proc) -> None:
     assert replies[1]["object"] == "chat.completion" and replies[1]["usage"]["completion_tokens"] == 4
 
 
+async def test_a_conversation_reuses_the_blocks_of_its_previous_answer(sim: Proc) -> None:
+    msgs = [{"role": "system", "content": "Agent rules. " * 200}, {"role": "user", "content": "first task"}]
+    async with aiohttp.ClientSession(timeout=TIMEOUT) as s:
+        async with s.post(
+            sim.url + "/v1/chat/completions", json=chat("", messages=msgs, max_tokens=200)
+        ) as r:
+            first = await r.json()
+        answer = first["choices"][0]["message"]["content"]
+        msgs2 = [*msgs, {"role": "assistant", "content": answer}, {"role": "user", "content": "next task"}]
+        async with s.post(sim.url + "/v1/chat/completions", json=chat("", messages=msgs2, max_tokens=5)) as r:
+            second = await r.json()
+    reused = second["usage"]["prompt_tokens_details"]["cached_tokens"]
+    assert reused >= first["usage"]["prompt_tokens"] + first["usage"]["completion_tokens"] - 32
+
+
 async def test_models_health_and_errors(sim: Proc) -> None:
     async with aiohttp.ClientSession(timeout=TIMEOUT) as s:
         async with s.get(sim.url + "/v1/models") as r:

@@ -233,3 +233,22 @@ def test_many_engines_many_requests_complete() -> None:
     res = run_trace(engines, arrivals)
     assert len(res) == 1000 and all(r.finish_time is not None for r in res.values())
     assert sum(e.metrics.prefix_cache_hits for e in engines) > 0  # synthetic hash_ids share blocks
+
+
+def test_next_turn_hits_the_blocks_of_the_previous_answer() -> None:
+    from pools.sim import TextStream, count_tokens, flatten_messages
+
+    eng = SimEngine.from_preset(PRESET)
+    turn1 = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "Plan the first step."}]
+    r1 = run_trace(
+        eng, [Arrival(0.0, SimRequest.from_messages("t1", turn1, max_tokens=300, ignore_eos=True))]
+    )["t1"]
+    answer = TextStream(r1.generation_seed).next_tokens(r1.output_tokens)
+    turn2 = [*turn1, {"role": "assistant", "content": answer}, {"role": "user", "content": "Now the second."}]
+    r2 = run_trace(
+        eng, [Arrival(30.0, SimRequest.from_messages("t2", turn2, max_tokens=10, ignore_eos=True))]
+    )["t2"]
+    shared = count_tokens(flatten_messages(turn1) + "<|assistant|>" + answer)
+    # every full block of prompt + answer is reused, not just the first turn's prompt
+    assert r2.cached_tokens >= shared - 2 * eng.block_size
+    assert r2.cached_tokens > r1.prompt_tokens + 250
