@@ -8,7 +8,7 @@ import pytest
 
 from pools.sim import SimEngine, load_preset, preset_names
 from pools.sim.calibrate import calibrate
-from pools.sim.presets import parse_preset
+from pools.sim.presets import PRESET_DIR, parse_preset
 
 REQUIRED = {"llama-3.1-8b-a100", "llama-3.1-8b-h100", "llama-3.1-70b-a100-tp4", "llama-3.1-70b-h100-tp4"}
 
@@ -33,7 +33,7 @@ def test_kv_bytes_and_blocks_follow_the_model() -> None:
 
 
 def test_preset_from_a_yaml_path_and_schema_errors(tmp_path: Path) -> None:
-    src = Path(load_preset.__code__.co_filename).with_name("presets") / "llama-3.1-8b-a100.yaml"
+    src = PRESET_DIR / "llama-3.1-8b-a100.yaml"
     f = tmp_path / "mine.yaml"
     f.write_text(src.read_text().replace("name: llama-3.1-8b-a100", "name: mine"))
     assert load_preset(str(f)).name == "mine"
