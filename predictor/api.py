@@ -29,6 +29,7 @@ log = logging.getLogger("pythia.predictor")
 
 DEFAULT_APP = "default"  # app of calls that carry no app tag and no known system prompt
 NO_SYSTEM_ROLE = "nosys"  # role of untagged calls without a system prompt
+OVERFLOW = "_other"  # app or role name once max_apps / max_roles_per_app are reached
 SYSTEM_BLOCK_OVERHEAD = 10  # characters `flatten_messages` puts before the system prompt ("<|system|>")
 BLOCK_CHARS = 256  # pools.prefix_hash.DEFAULT_BLOCK_CHARS (predictor does not import pools)
 
@@ -460,16 +461,19 @@ class Predictor:
             if hit is not None:
                 app = hit[0]
         app = app or DEFAULT_APP
+        s = self.settings
+        if app not in self.models and len(self.models) >= s.max_apps:
+            app = OVERFLOW  # memory bound: tags are client input
+        model = self.models.get(app)
         if tags.agent:
-            return app, clean_role(tags.agent), False
-        role = ""
-        if fp:
-            model = self.models.get(app)
-            if model is not None:
-                role = model.role_for_fingerprint(fp)
-        if not role:
-            role = ("sys-" + fp[:8]) if fp else NO_SYSTEM_ROLE
-        return app, role, True
+            role, inferred = clean_role(tags.agent), False
+        else:
+            role, inferred = (model.role_for_fingerprint(fp) if fp and model is not None else ""), True
+            if not role:
+                role = ("sys-" + fp[:8]) if fp else NO_SYSTEM_ROLE
+        if model is not None and role not in model.roles and len(model.roles) >= s.max_roles_per_app:
+            role = OVERFLOW  # e.g. system prompts that change every call: one bucket, not a role each
+        return app, role, inferred
 
     def _link(self, app: str, role: str, f: RequestFeatures, now: float, model: AppModel) -> tuple[str, bool]:
         """The live workflow an untagged call belongs to: (id, True), or a new id and False."""
@@ -589,10 +593,8 @@ class Predictor:
         if now - self._last_tick > 2 * self.settings.tick_interval_s:  # no background tick: end one here
             for wf_done in self.live.expired(now, self.settings.workflow_idle_s, limit=1):
                 self._end(wf_done)
-        app = tags.app
-        if not app:
-            app, _, _ = self._resolve_role(tags, f)
-        role = pred.role or self._resolve_role(tags, f)[1]
+        app, inferred_role, _ = self._resolve_role(tags, f)
+        role = pred.role or inferred_role
         model = self.models.get(app)
         if model is None:
             model = self.models[app] = AppModel(app)
@@ -642,7 +644,8 @@ class Predictor:
         self._learn(model, f"P|{role}|{bucket_of(prompt)}")
         self._learn(model, f"PS|{role}", prompt)
         fp = f.system_fingerprint
-        if fp:
+        r = model.roles.get(role)
+        if fp and (r is None or fp in r.fingerprints or len(r.fingerprints) < self.settings.max_fingerprints_per_role):
             self._learn(model, f"FP|{role}|{fp}")
             self._index_fingerprint(model.app, fp, model.fp_roles.get(fp, {}))
             if f.system_prompt and model.texts.get(role) != f.system_prompt:

@@ -20,6 +20,10 @@ class PredictorSettings:
     fanout_window_s: float = 0.5  # same-role calls this close together are one parallel step
     sibling_window_s: float = 30.0  # ... or this close, when their prompts share the task context
     max_live_workflows: int = 100_000
+    # memory bounds on client-controlled names: beyond them, calls count under the app / role "_other"
+    max_apps: int = 1024
+    max_roles_per_app: int = 256
+    max_fingerprints_per_role: int = 16  # distinct system prompts remembered per role
     link_scan: int = 32  # recent workflows considered when linking an untagged call by the automaton
     tick_interval_s: float = 1.0  # how often the background task ends idle workflows
     link_min_prob: float = 0.05  # a workflow must expect the call's role at least this much to claim it

@@ -221,3 +221,19 @@ def test_tick_ends_idle_workflows_and_learns_their_end() -> None:
     assert p.tick(100.0) == 1
     model = p.model_json("app")
     assert model["workflows_finished"] == 1.0 and model["end"] == {"writer": 1.0}
+
+
+def test_names_from_clients_are_bounded_so_memory_is() -> None:
+    from pools.prefix_hash import text_fingerprint
+
+    p = make_predictor(max_apps=2, max_roles_per_app=3, max_fingerprints_per_role=2)
+    for i in range(10):  # a system prompt that changes on every call (a timestamp in it, say)
+        system = f"You are a helpful assistant. Today is day {i}."
+        f = RequestFeatures(model="m", prompt_tokens=10, max_tokens=None, system_prompt=system,
+                            system_fingerprint=text_fingerprint(system))
+        for tags in (Tags(app=f"app{i}"), Tags(app="app0"), Tags(app="app0", agent="bot")):
+            p.observe(tags, f, p.predict(tags, f, float(i)), Outcome(True, 10, 5))
+    assert p.apps() == ["_other", "app0", "app1"]
+    model = p.model_json("app0")
+    assert len(model["roles"]) == 4 and "_other" in model["roles"] and "bot" in model["roles"]
+    assert sum(1 for k in p.models["app0"].counts if k.startswith("FP|bot|")) == 2
