@@ -149,6 +149,7 @@ class Gateway:
         self._retries = settings.retries
         self._tag_len = settings.max_tag_length
         self._routing_headers = settings.routing_headers
+        self._forward_priority = settings.forward_priority
         created = int(time.time())
         models = sorted({m for p in self.view.pools for m in p.models})
         self.models_body = orjson.dumps(
@@ -292,7 +293,7 @@ class Gateway:
             return self._reject(err.status, err.code, err.message, retry_after_s=err.retry_after_s, pool=decision.pool)
         if decision.prewarm and self.prewarm is not None:
             self.prewarm(decision.prewarm)
-        if decision.priority is not None and body.get("priority") != decision.priority:
+        if decision.priority is not None and self._forward_priority and body.get("priority") != decision.priority:
             body["priority"] = decision.priority
             changed = True
         payload = orjson.dumps(body) if changed else raw
@@ -493,17 +494,21 @@ class Gateway:
                 ttft = time.monotonic() - features.arrival_s
                 self._observe(ctx, decision, replica, status < 400, find_usage(data) if status < 400 else None, 0, ttft)
                 return web.Response(status=status, body=data, headers=headers), status, ttft
+            try:
+                chunk = await resp.next_chunk()
+            except UpstreamError as e:  # nothing reached the client yet: a plain error answer
+                self.metrics.upstream_error(replica.url, e.kind)
+                code, st = ("upstream_timeout", 504) if isinstance(e, ReadTimeout) else ("upstream_error", 502)
+                return error_response(st, code, f"upstream failed: {e}"), st, -1.0
+            ttft = time.monotonic() - features.arrival_s
             out = _SSEResponse(status=status, headers=headers)
-            ttft = -1.0
             events = 0
             prev = last = b""
             ok = True
             eof_sent = False
             try:
                 await out.prepare(request)
-                while (chunk := await resp.next_chunk()) is not None:
-                    if ttft < 0:
-                        ttft = time.monotonic() - features.arrival_s
+                while chunk is not None:
                     events += chunk.count(b"data:")
                     prev, last = last, chunk
                     if resp.at_end:  # last bytes: send them with the stream's end in one write
@@ -511,6 +516,7 @@ class Gateway:
                         await out.write_eof(chunk)
                         break
                     await out.write(chunk)
+                    chunk = await resp.next_chunk()
             except ConnectionError:
                 # the client went away mid-stream; closing the unfinished upstream answer (finally) aborts it there
                 self._observe(ctx, decision, replica, False, None, max(0, events - 2), ttft)

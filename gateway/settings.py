@@ -46,6 +46,9 @@ class Settings(BaseSettings):
     )
     upstream_max_connections: int = Field(0, ge=0, description="open connections per replica; 0 = unlimited")
     shutdown_grace_s: float = Field(30.0, ge=0, description="on SIGTERM, time given to in-flight requests")
+    forward_priority: bool = Field(
+        True, description="set vLLM's `priority` from the policy (replicas need --scheduling-policy priority)"
+    )
     max_tag_length: int = Field(128, ge=1, le=1024, description="longest accepted app/workflow/agent/session tag")
     routing_headers: bool = Field(False, description="add x-pythia-pool / x-pythia-replica to responses")
     log_level: str = Field("INFO", description="DEBUG, INFO, WARNING or ERROR")

@@ -7,6 +7,7 @@ import time
 from collections.abc import AsyncIterator
 
 import aiohttp
+import orjson
 import pytest
 from aiohttp.test_utils import TestServer
 from opentelemetry.sdk.trace import TracerProvider
@@ -83,6 +84,48 @@ async def test_background_senders_can_call_a_replica_over_the_pool(upstreams: li
             await gw.call_replica("http://127.0.0.1:1", "/v1/chat/completions", body)
     finally:
         await server.close()
+
+
+async def test_upstream_silence_is_504_before_the_first_byte(upstreams: list[TestServer]) -> None:
+    x = url_of(upstreams[0])
+    settings = Settings(read_timeout_s=0.3)
+    app = build_app(settings, [PoolConfig("p", 8192, (MODEL,), (x,))], ColdPredictor(), GatewayMetrics())
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    base = url_of(server)
+    slow = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "fake": {"chunks": 3, "delay_s": 1.0}}
+    try:
+        async with aiohttp.ClientSession() as s:
+            async with s.post(base + "/v1/chat/completions", json=slow) as r:
+                assert r.status == 504
+                assert (await r.json())["error"]["code"] == "upstream_timeout"
+            fast_then_stall = {**slow, "stream": True, "fake": {"chunks": 3, "delay_s": 0.0}}
+            async with s.post(base + "/v1/chat/completions", json=fast_then_stall) as r:
+                assert r.status == 200  # a healthy stream still flows
+                assert (await r.read()).endswith(b"data: [DONE]\n\n")
+            async with s.post(base + "/v1/chat/completions", json={**slow, "stream": True}) as r:
+                # our SSE headers leave with the first chunk, which never came: still a plain 504
+                assert r.status == 504
+                assert (await r.json())["error"]["code"] == "upstream_timeout"
+    finally:
+        await server.close()
+
+
+@pytest.mark.parametrize("forward", [True, False])
+async def test_policy_priority_reaches_the_engine_only_when_forwarded(upstreams: list[TestServer], forward: bool) -> None:
+    fake = upstreams[0]
+    x = url_of(fake)
+    settings = Settings(policy="pythia", forward_priority=forward)
+    app = build_app(settings, [PoolConfig("p", 8192, (MODEL,), (x,))], ColdPredictor(), GatewayMetrics())
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    try:
+        assert (await chat(url_of(server)))[0] == 200
+    finally:
+        await server.close()
+    async with aiohttp.ClientSession() as s, s.get(x + "/debug/stats") as r:
+        forwarded = orjson.loads((await r.json())["last_body"])
+    assert ("priority" in forwarded) is forward
 
 
 async def test_unhealthy_replica_marked_down_by_active_checks(upstreams: list[TestServer]) -> None:
