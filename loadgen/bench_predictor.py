@@ -52,6 +52,8 @@ class CallRecord:
     actual_out: int
     label: str = ""
     actual_remaining: int = 0
+    prompt_tokens: int = 0
+    actual_peak: int = 0  # max prompt + output over this call and the workflow's later calls
     state: tuple[str, str, int] = ("", "", 0)
 
 
@@ -139,7 +141,7 @@ def simulate(workload: str, n: int, tagged: bool, rate: float, seed: int, idle_s
             pred = p.predict(tags, f, t)
             run.predict_ns.append(clock() - t1)
             rec = CallRecord(wi, ci, c.role, truth[wi][0][ci], t, pred, c.output_tokens, pred.role,
-                             state=truth[wi][1][ci])
+                             state=truth[wi][1][ci], prompt_tokens=f.prompt_tokens)
             run.records.append(rec)
             pending[(wi, ci)] = (tags, f, pred, rec)
             heapq.heappush(events, (t + service_time_s(f.prompt_tokens, c.output_tokens), seq, 1, wi, ci))
@@ -160,8 +162,12 @@ def simulate(workload: str, n: int, tagged: bool, rate: float, seed: int, idle_s
         by_wf[r.wf_index].append(r)
     for recs in by_wf.values():
         recs.sort(key=lambda r: (r.sent_s, r.call_index))
-        for i, r in enumerate(recs):
+        peak = 0
+        for i in range(len(recs) - 1, -1, -1):
+            r = recs[i]
             r.actual_remaining = len(recs) - i - 1
+            peak = max(peak, r.prompt_tokens + r.actual_out)
+            r.actual_peak = peak
     return run
 
 
@@ -196,6 +202,8 @@ def metrics(run: Run, lo: int, hi: int, label_map: dict[str, str]) -> dict[str, 
     p95 = {role: float(np.percentile(v, 95)) for role, v in outs.items()}
     oracle = [p95[r.role] / max(1, r.actual_out) for r in recs]
     mae = [abs(r.pred.remaining_steps - r.actual_remaining) for r in recs]
+    peak_ok = [r.pred.peak_context_tokens >= r.actual_peak for r in warm]
+    peak_ratio = [r.pred.peak_context_tokens / max(1, r.actual_peak) for r in warm]
     return {
         "calls": len(recs),
         "workflows": len({r.wf_index for r in recs}),
@@ -207,6 +215,9 @@ def metrics(run: Run, lo: int, hi: int, label_map: dict[str, str]) -> dict[str, 
         "bound_tightness_median_true_p95": round(float(np.median(oracle)), 3),
         "remaining_steps_mae": round(float(np.mean(mae)), 3),
         "remaining_steps_mean_actual": round(float(np.mean([r.actual_remaining for r in recs])), 3),
+        # predicted peak context (what picks the pool) against the workflow's actual peak from this call on
+        "peak_context_coverage": round(float(np.mean(peak_ok)), 4) if peak_ok else None,
+        "peak_context_ratio_median": round(float(np.median(peak_ratio)), 3) if peak_ratio else None,
     }
 
 

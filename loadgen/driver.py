@@ -12,10 +12,12 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
 import orjson
 
+from loadgen.http_client import ConnectionPool, HttpFailure, Sink
 from loadgen.metrics import RequestRecord, WorkflowRecord
 from loadgen.workflow import Call, Workflow
 
@@ -67,51 +69,49 @@ class Driver:
         self.workflows: list[WorkflowRecord] = []
         self.inflight = 0
         self._t0 = 0.0
-        self._session: aiohttp.ClientSession | None = None
-        base = cfg.base()
-        self._url_chat = f"{base}/v1/chat/completions"
-        self._url_completions = f"{base}/v1/completions"
-        self._headers = {"Content-Type": "application/json", **cfg.extra_headers}
+        self._pool: ConnectionPool
+        prefix = urlsplit(cfg.base()).path.rstrip("/")
+        self._path_chat = f"{prefix}/v1/chat/completions"
+        self._path_completions = f"{prefix}/v1/completions"
+        self._headers = {"Content-Type": "application/json", "Accept": "text/event-stream, application/json",
+                         **cfg.extra_headers}
         if cfg.api_key:
             self._headers["Authorization"] = f"Bearer {cfg.api_key}"
 
     async def run(self, workflows: Sequence[Workflow]) -> RunRecords:
         """Send every workflow at its arrival time; returns when all finished or the drain timed out."""
         loop = asyncio.get_running_loop()
-        connector = aiohttp.TCPConnector(limit=self.cfg.max_connections, limit_per_host=0, ttl_dns_cache=300,
-                                         enable_cleanup_closed=True)
-        timeout = aiohttp.ClientTimeout(total=self.cfg.request_timeout_s, sock_connect=self.cfg.connect_timeout_s)
         tasks: set[asyncio.Task[None]] = set()
         cancelled = False
-        async with aiohttp.ClientSession(connector=connector, timeout=timeout, json_serialize=lambda o: orjson.dumps(o).decode(),
-                                         auto_decompress=False) as session:
-            self._session = session
-            self._t0 = loop.time()
-            started_wall = time.time()
-            ordered = sorted(workflows, key=lambda w: w.arrival_s)
-            try:
-                for wf in ordered:
-                    delay = self._t0 + wf.arrival_s - loop.time()
-                    if delay > 0:
-                        await asyncio.sleep(delay)
-                    rec = WorkflowRecord(wf.workflow_id, wf.app, wf.arrival_s, calls=len(wf.calls))
-                    self.workflows.append(rec)
-                    t = loop.create_task(self._workflow(wf, rec))
-                    tasks.add(t)
-                    t.add_done_callback(tasks.discard)
-                if tasks:
-                    _, still = await asyncio.wait(set(tasks), timeout=self.cfg.drain_timeout_s)
-                    for t in still:
-                        t.cancel()
-                    if still:
-                        await asyncio.wait(still, timeout=5)
-            except asyncio.CancelledError:
-                cancelled = True
-                for t in tasks:
+        self._pool = ConnectionPool(self.cfg.base(), self.cfg.connect_timeout_s, self.cfg.max_connections)
+        self._t0 = loop.time()
+        started_wall = time.time()
+        ordered = sorted(workflows, key=lambda w: w.arrival_s)
+        try:
+            for wf in ordered:
+                delay = self._t0 + wf.arrival_s - loop.time()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                rec = WorkflowRecord(wf.workflow_id, wf.app, wf.arrival_s, calls=len(wf.calls))
+                self.workflows.append(rec)
+                t = loop.create_task(self._workflow(wf, rec))
+                tasks.add(t)
+                t.add_done_callback(tasks.discard)
+            if tasks:
+                _, still = await asyncio.wait(set(tasks), timeout=self.cfg.drain_timeout_s)
+                for t in still:
                     t.cancel()
-                if tasks:
-                    await asyncio.wait(set(tasks), timeout=5)
-            duration = loop.time() - self._t0
+                if still:
+                    await asyncio.wait(still, timeout=5)
+        except asyncio.CancelledError:
+            cancelled = True
+            for t in tasks:
+                t.cancel()
+            if tasks:
+                await asyncio.wait(set(tasks), timeout=5)
+        finally:
+            self._pool.close()
+        duration = loop.time() - self._t0
         return RunRecords(self.requests, self.workflows, started_wall, duration, cancelled)
 
     async def _workflow(self, wf: Workflow, rec: WorkflowRecord) -> None:
@@ -163,58 +163,72 @@ class Driver:
         cfg = self.cfg
         body = orjson.dumps(call.body(stream=cfg.stream, model=cfg.model or None, ignore_eos=cfg.ignore_eos))
         headers = {**self._headers, **call.tags()} if cfg.tagged else self._headers
-        url = self._url_chat if call.chat else self._url_completions
-        assert self._session is not None
+        path = self._path_chat if call.chat else self._path_completions
+        sink = _StreamSink(rec, t0) if cfg.stream else _BodySink(rec, t0)
         self.inflight += 1
         rec.sent_s = loop.time() - t0
         try:
-            async with self._session.post(url, data=body, headers=headers) as resp:
-                rec.status = resp.status
-                rec.replica = resp.headers.get("X-Pythia-Replica", "")
-                if resp.status != 200:
-                    rec.error = f"http_{resp.status}"
-                    rec.detail = _error_message(await resp.read())
-                elif cfg.stream:
-                    await self._read_stream(resp, rec, loop, t0)
-                else:
-                    self._read_json(await resp.read(), rec, loop.time() - t0)
-        except TimeoutError:
-            rec.error = "timeout"
-        except aiohttp.ClientConnectorError:
-            rec.error = "connect"
-        except (aiohttp.ServerDisconnectedError, aiohttp.ClientPayloadError):
-            rec.error = "disconnect"
-        except aiohttp.ClientError as e:
-            rec.error = f"client_{type(e).__name__}"
+            await self._pool.request("POST", path, headers, body, sink, cfg.request_timeout_s)
+            sink.finish(loop.time() - t0)
+        except HttpFailure as e:
+            if not rec.error:
+                rec.error = e.kind
+                rec.detail = str(e)[:300]
         except asyncio.CancelledError:
             rec.error = "cancelled"
-            rec.end_s = loop.time() - t0
-            self.inflight -= 1
             raise
         finally:
+            self.inflight -= 1
             if rec.end_s == 0.0:
                 rec.end_s = loop.time() - t0
-        self.inflight -= 1
         if self.progress is not None:
             self.progress(rec)
         return rec
 
-    async def _read_stream(self, resp: aiohttp.ClientResponse, rec: RequestRecord, loop: asyncio.AbstractEventLoop,
-                           t0: float) -> None:
-        chunks = 0
-        last = 0.0
-        usage: dict[str, Any] | None = None
-        finished = False
-        async for line in resp.content:
+
+class _StreamSink(Sink):
+    """Times SSE events per network read and reads usage from the last chunk (vLLM's include_usage)."""
+
+    __slots__ = ("buf", "chunks", "error_body", "finished", "last", "rec", "status", "t0", "usage")
+
+    def __init__(self, rec: RequestRecord, t0: float) -> None:
+        self.rec = rec
+        self.t0 = t0
+        self.buf = b""
+        self.chunks = 0
+        self.last = 0.0
+        self.usage: dict[str, Any] | None = None
+        self.finished = False
+        self.status = 0
+        self.error_body = b""
+
+    def headers(self, status: int, headers: dict[bytes, bytes]) -> None:
+        self.status = status
+        self.rec.status = status
+        self.rec.replica = headers.get(b"x-pythia-replica", b"").decode("latin-1")
+
+    def body(self, data: bytes, now: float) -> None:
+        if self.status != 200:
+            if len(self.error_body) < 4096:
+                self.error_body += data
+            return
+        if self.finished or self.rec.error:
+            return  # the rest of the body (the chunked terminator) is read but not parsed
+        buf = self.buf + data if self.buf else data
+        if b"\n" not in buf:
+            self.buf = buf
+            return
+        *lines, self.buf = buf.split(b"\n")
+        rec = self.rec
+        for line in lines:
             if not line.startswith(b"data:"):
                 continue
-            data = line[5:].strip()
-            if data == DONE:
-                finished = True
-                break
-            now = loop.time() - t0
+            payload = line[5:].strip()
+            if payload == DONE:
+                self.finished = True
+                return
             try:
-                ev = orjson.loads(data)
+                ev = orjson.loads(payload)
             except orjson.JSONDecodeError:
                 rec.error = "invalid_stream"
                 return
@@ -223,44 +237,74 @@ class Driver:
                 rec.detail = str(ev["error"])[:300]
                 return
             if ev.get("usage"):
-                usage = ev["usage"]
+                self.usage = ev["usage"]
             for ch in ev.get("choices") or ():
                 delta = ch.get("delta")
                 text = (delta.get("content") or delta.get("reasoning_content")) if delta else ch.get("text")
                 if text:
+                    t = now - self.t0
                     if rec.first_token_s is None:
-                        rec.first_token_s = now
+                        rec.first_token_s = t
                     else:
-                        rec.itl_s.append(now - last)
-                    last = now
-                    chunks += 1
-        rec.end_s = loop.time() - t0
-        if not finished and chunks == 0:
+                        rec.itl_s.append(t - self.last)
+                    self.last = t
+                    self.chunks += 1
+
+    def finish(self, now: float) -> None:
+        rec = self.rec
+        rec.end_s = now
+        if rec.error:
+            return
+        if self.status != 200:
+            rec.error = f"http_{self.status}"
+            rec.detail = _error_message(self.error_body)
+            return
+        if not self.finished and self.chunks == 0:
             rec.error = "empty_stream"
             return
         rec.ok = True
-        self._usage(rec, usage, chunks)
+        _usage(rec, self.usage, self.chunks)
 
-    def _read_json(self, raw: bytes, rec: RequestRecord, now: float) -> None:
+
+class _BodySink(Sink):
+    """Collects a non-streamed answer; the first token counts as arriving with the last byte."""
+
+    __slots__ = ("data", "rec", "status", "t0")
+
+    def __init__(self, rec: RequestRecord, t0: float) -> None:
+        self.rec, self.t0, self.data, self.status = rec, t0, b"", 0
+
+    def headers(self, status: int, headers: dict[bytes, bytes]) -> None:
+        self.status = self.rec.status = status
+        self.rec.replica = headers.get(b"x-pythia-replica", b"").decode("latin-1")
+
+    def body(self, data: bytes, now: float) -> None:
+        self.data += data
+
+    def finish(self, now: float) -> None:
+        rec = self.rec
+        rec.end_s = now
+        if self.status != 200:
+            rec.error, rec.detail = f"http_{self.status}", _error_message(self.data)
+            return
         try:
-            body = orjson.loads(raw)
+            body = orjson.loads(self.data)
         except orjson.JSONDecodeError:
             rec.error = "invalid_json"
             return
-        rec.end_s = now
-        rec.first_token_s = now  # without streaming the first token arrives with the last
+        rec.first_token_s = now
         rec.ok = True
-        self._usage(rec, body.get("usage"), 0)
+        _usage(rec, body.get("usage") if isinstance(body, dict) else None, 0)
 
-    @staticmethod
-    def _usage(rec: RequestRecord, usage: dict[str, Any] | None, chunks: int) -> None:
-        if usage:
-            rec.prompt_tokens = int(usage.get("prompt_tokens") or rec.prompt_tokens)
-            rec.output_tokens = int(usage.get("completion_tokens") or chunks)
-            details = usage.get("prompt_tokens_details") or {}
-            rec.cached_tokens = int(details.get("cached_tokens") or 0)
-        else:
-            rec.output_tokens = chunks
+
+def _usage(rec: RequestRecord, usage: dict[str, Any] | None, chunks: int) -> None:
+    if usage:
+        rec.prompt_tokens = int(usage.get("prompt_tokens") or rec.prompt_tokens)
+        rec.output_tokens = int(usage.get("completion_tokens") or chunks)
+        details = usage.get("prompt_tokens_details") or {}
+        rec.cached_tokens = int(details.get("cached_tokens") or 0)
+    else:
+        rec.output_tokens = chunks
 
 
 def _error_message(raw: bytes) -> str:
