@@ -23,7 +23,6 @@ MODEL = "smollm2-135m"
 MAX_MODEL_LEN = 2048
 
 
-
 @dataclass
 class Replica:
     url: str

@@ -47,7 +47,10 @@ def test_openai_client_chat_and_streamed_chat(vllm_replicas: list[Replica], gate
     client = openai.OpenAI(base_url=gw.url + "/v1", api_key="unused", max_retries=0, timeout=120)
 
     reply = client.chat.completions.create(
-        model=MODEL, messages=[{"role": "user", "content": "Name three colors."}], max_tokens=16, temperature=0
+        model=MODEL,
+        messages=[{"role": "user", "content": "Name three colors."}],
+        max_tokens=16,
+        temperature=0,
     )
     assert reply.model == MODEL
     assert reply.choices[0].message.content
@@ -105,7 +108,9 @@ def test_priority_is_forwarded_and_accepted(vllm_replicas: list[Replica], gatewa
         assert json.loads(data)["choices"][0]["message"]["content"]
 
 
-def test_gateway_tags_never_reach_vllm_as_unknown_fields(vllm_replicas: list[Replica], gateways: ProcessGroup) -> None:
+def test_gateway_tags_never_reach_vllm_as_unknown_fields(
+    vllm_replicas: list[Replica], gateways: ProcessGroup
+) -> None:
     # the check can fail: vLLM does log a field it does not know
     r0 = vllm_replicas[0]
     before = r0.log_size()
@@ -185,7 +190,9 @@ def test_gateway_load_view_reads_real_vllm_metrics(vllm_replicas: list[Replica])
     r0 = vllm_replicas[0]
     shared = "Background: " + " ".join(f"item {i} is {i * 7 % 13}." for i in range(120))
     for q in ("first", "second"):
-        status, _ = post_raw(r0.url + "/v1/chat/completions", chat_body(shared + " Question: " + q, max_tokens=2))
+        status, _ = post_raw(
+            r0.url + "/v1/chat/completions", chat_body(shared + " Question: " + q, max_tokens=2)
+        )
         assert status == 200
     cfg = _cache_config(r0.url)
     capacity = int(cfg["num_gpu_blocks"]) * int(cfg["block_size"])

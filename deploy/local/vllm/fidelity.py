@@ -4,7 +4,7 @@
     .venv/bin/python deploy/local/vllm/fidelity.py --url http://127.0.0.1:8101 \
         --preset smollm2-135m-cpu --out docs/results/sim-fidelity-cpu.json
 
-The workload is the first N requests of the sample trace, scaled to fit a 2048-token model:
+The workload is N requests of the sample trace (from line `--offset`), scaled to fit a 2048-token model:
 every 512-token hash block becomes `--block-tokens` tokens (prompt lengths scale the same way),
 outputs are scaled by `--output-scale`, and arrival times are stretched by `--time-scale` so the
 CPU engine is loaded but not swamped. Real vLLM gets the prompts as token ids (equal hash ids,
@@ -62,20 +62,31 @@ class Outcome:
 
 
 def load_workload(
-    trace: Path, n: int, block_tokens: int, output_scale: float, time_scale: float, max_len: int
+    trace: Path,
+    n: int,
+    block_tokens: int,
+    output_scale: float,
+    time_scale: float,
+    max_len: int,
+    offset: int = 0,
 ) -> list[Req]:
-    """First n trace lines, scaled: 512-token blocks -> block_tokens, outputs x output_scale, time x time_scale."""
+    """n trace lines from `offset`, scaled: 512-token blocks -> block_tokens, outputs x output_scale, time x time_scale."""
     scale = block_tokens / 512.0
     out: list[Req] = []
+    t0: float | None = None
     with trace.open() as f:
         for i, line in enumerate(f):
-            if i >= n:
+            if i < offset:
+                continue
+            if i >= offset + n:
                 break
             row = json.loads(line)
+            t0 = row["timestamp"] if t0 is None else t0
             out_tok = max(1, round(row["output_length"] * output_scale))
             prompt = max(1, math.ceil(row["input_length"] * scale))
             prompt = min(prompt, max_len - out_tok)
-            out.append(Req(f"r{i}", row["timestamp"] / 1000.0 * time_scale, prompt, out_tok, list(row["hash_ids"])))
+            arrival = (row["timestamp"] - t0) / 1000.0 * time_scale
+            out.append(Req(f"r{i}", arrival, prompt, out_tok, list(row["hash_ids"])))
     return out
 
 
@@ -98,7 +109,9 @@ async def run_real(url: str, model: str, reqs: list[Req], block_tokens: int) -> 
             t = await stream_completion(session, url, body)
             if t.error:
                 raise RuntimeError(f"{r.rid}: {t.status} {t.error}")
-            return Outcome(r.rid, r.arrival_s, t.first_token - start, t.end - start, t.completion_tokens, t.cached_tokens)
+            return Outcome(
+                r.rid, r.arrival_s, t.first_token - start, t.end - start, t.completion_tokens, t.cached_tokens
+            )
 
         outcomes = await asyncio.gather(*(one(r) for r in reqs))
         after = await scrape_counters(session, url, (HITS, QUERIES))
@@ -194,7 +207,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--preset", default="smollm2-135m-cpu", help="simulator preset (name or YAML path)")
     p.add_argument("--trace", type=Path, default=TRACE)
     p.add_argument("--requests", type=int, default=200)
-    p.add_argument("--block-tokens", type=int, default=8, help="tokens per 512-token trace block")
+    p.add_argument(
+        "--offset",
+        type=int,
+        default=3000,
+        help="first trace line (3000: the window richest in shared prefixes)",
+    )
+    p.add_argument("--block-tokens", type=int, default=4, help="tokens per 512-token trace block")
     p.add_argument("--output-scale", type=float, default=0.25)
     p.add_argument("--time-scale", type=float, default=3.0, help="stretch of the trace's arrival times")
     p.add_argument("--max-model-len", type=int, default=2048)
@@ -203,7 +222,13 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     reqs = load_workload(
-        args.trace, args.requests, args.block_tokens, args.output_scale, args.time_scale, args.max_model_len
+        args.trace,
+        args.requests,
+        args.block_tokens,
+        args.output_scale,
+        args.time_scale,
+        args.max_model_len,
+        args.offset,
     )
     # what deploy/local/vllm-cpu.sh runs vLLM with
     engine_args = {
@@ -229,7 +254,12 @@ def main(argv: list[str] | None = None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(
         json.dumps(
-            {"config": config, "results": {"real": {"summary": rs}, "sim": {"summary": ss}}, "real": real, "sim": sim},
+            {
+                "config": config,
+                "results": {"real": {"summary": rs}, "sim": {"summary": ss}},
+                "real": real,
+                "sim": sim,
+            },
             indent=1,
         )
         + "\n"

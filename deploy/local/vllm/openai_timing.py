@@ -90,7 +90,9 @@ def _take_event(t: Timing, event: bytes, now: float) -> None:
         t.token_times.append(now)
 
 
-async def scrape_counters(session: aiohttp.ClientSession, base_url: str, names: tuple[str, ...]) -> dict[str, float]:
+async def scrape_counters(
+    session: aiohttp.ClientSession, base_url: str, names: tuple[str, ...]
+) -> dict[str, float]:
     """Sum of each named Prometheus series over its labels, from GET /metrics."""
     async with session.get(base_url + "/metrics", timeout=aiohttp.ClientTimeout(total=10)) as resp:
         text = await resp.text()

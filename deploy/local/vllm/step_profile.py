@@ -60,7 +60,9 @@ async def profile(url: str, model: str, repeats: int) -> dict[str, Any]:
         decode = []
         for ctx in DECODE_CONTEXTS:
             for b in DECODE_BATCHES:
-                runs = await asyncio.gather(*(_one(session, url, model, ctx, DECODE_TOKENS) for _ in range(b)))
+                runs = await asyncio.gather(
+                    *(_one(session, url, model, ctx, DECODE_TOKENS) for _ in range(b))
+                )
                 all_started = max(r.first_token for r in runs)
                 gaps = [
                     t1 - t0
@@ -71,7 +73,13 @@ async def profile(url: str, model: str, repeats: int) -> dict[str, Any]:
                 step = float(np.median(gaps)) if gaps else float("nan")
                 decode.append({"batch": b, "context": ctx, "step_s": step, "gaps": len(gaps)})
                 print(f"decode batch {b:3d} context {ctx:5d}: step {step * 1000:7.1f} ms", file=sys.stderr)
-    return {"url": url, "model": model, "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S"), "prefill": prefill, "decode": decode}
+    return {
+        "url": url,
+        "model": model,
+        "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "prefill": prefill,
+        "decode": decode,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -22,7 +22,9 @@ def block_token(hash_id: int, offset: int) -> int:
     return _token(b"b%d:%d" % (hash_id, offset))
 
 
-def prompt_token_ids(request_id: str, prompt_tokens: int, hash_ids: list[int], block_tokens: int) -> list[int]:
+def prompt_token_ids(
+    request_id: str, prompt_tokens: int, hash_ids: list[int], block_tokens: int
+) -> list[int]:
     """Token ids of a prompt of `prompt_tokens` tokens whose leading blocks are `hash_ids`."""
     out: list[int] = []
     nonce = request_id.encode()
