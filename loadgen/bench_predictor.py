@@ -31,14 +31,18 @@ from loadgen.workload import ExpandOptions, expand_workload
 from pools.prefix_hash import block_hashes, flatten_messages
 from pools.request_features import extract_features
 from predictor.api import make_predictor
+from predictor.fingerprint import message_fingerprints, output_fingerprint
 from predictor.types import Outcome, Prediction, RequestFeatures, Tags
 
 END = "$end"
 BUCKETS = ((0, 10), (10, 25), (25, 50), (50, 100), (100, 200), (200, 10**9))
 AFTER = 50  # headline metrics: calls of workflows that arrived after this many
-# mode -> (tagged, workflows tagged first): untagged_warm = the first 20 workflows carried tags (some
-# clients tag, or a deploy started tagged), the rest none: the automaton then links what prompts cannot
-MODES = {"tagged": (True, 0), "untagged": (False, 0), "untagged_warm": (False, 20)}
+# mode -> (tagged, workflows tagged first, extra features). Extra features = what the predictor can use
+# beyond `extract_features` (content hashes, message and response fingerprints); without them only the
+# prompt's prefix hashes and system fingerprint link untagged calls. untagged_warm = the first 20
+# workflows carried tags (some clients tag, or a deploy started tagged), then none, prefix only.
+MODES = {"tagged": (True, 0, True), "untagged": (False, 0, True), "untagged_prefix_only": (False, 0, False),
+         "untagged_warm": (False, 20, False)}
 
 
 @dataclass(slots=True)
@@ -100,11 +104,24 @@ def with_content(f: RequestFeatures, body: dict[str, Any]) -> RequestFeatures:
     if not isinstance(messages, list):
         return f
     rest = messages[1:] if messages and messages[0].get("role") in ("system", "developer") else messages
-    return replace(f, messages=tuple(messages), content_hashes=block_hashes(flatten_messages(rest)))
+    return replace(f, messages=tuple(messages), content_hashes=block_hashes(flatten_messages(rest)),
+                   message_fingerprints=message_fingerprints(messages))
+
+
+def response_texts(wf: Workflow) -> dict[int, str]:
+    """Each call's response as its successors quote it (the load generator's stand-in for the text the
+    engine generates; an agent passes its model's answer on the same way)."""
+    quoted = {seg.key: seg for c in wf.calls for seg in c.segments if seg.key.startswith("out:")}
+    out: dict[int, str] = {}
+    for c in wf.calls:
+        seg = quoted.get(f"out:{c.workflow_id}:{c.index}")
+        if seg is not None:
+            out[c.index] = seg.message()["content"]
+    return out
 
 
 def simulate(workload: str, n: int, tagged: bool, rate: float, seed: int, idle_s: float,
-             tagged_first: int = 0) -> Run:
+             tagged_first: int = 0, extra: bool = True) -> Run:
     """Drive one fresh predictor through `n` workflows on a virtual clock (the first `tagged_first`
     workflows tagged even when `tagged` is False)."""
     wfs = expand_workload(workload, n=n, seed=seed, opts=ExpandOptions(tagged=tagged))
@@ -119,6 +136,7 @@ def simulate(workload: str, n: int, tagged: bool, rate: float, seed: int, idle_s
                 heapq.heappush(events, (t0 + c.think_time_s, seq, 0, wi, c.index))
                 seq += 1
     truth = [next_roles_truth(wf) for wf in wfs]
+    responses = [response_texts(wf) for wf in wfs]
     pending: dict[tuple[int, int], tuple[Tags, Any, Prediction, CallRecord]] = {}
     done: list[set[int]] = [set() for _ in wfs]
     dependents = [wf.dependents() for wf in wfs]
@@ -134,7 +152,9 @@ def simulate(workload: str, n: int, tagged: bool, rate: float, seed: int, idle_s
         if kind == 0:
             body = c.body(stream=False)
             body.pop("max_tokens", None)
-            f = with_content(extract_features(body, chat=c.chat, now=t), body)
+            f = extract_features(body, chat=c.chat, now=t)
+            if extra:
+                f = with_content(f, body)
             with_tags = tagged or wi < tagged_first
             tags = Tags(app=c.app, workflow=c.workflow_id, agent=c.role, session=c.session) if with_tags else Tags()
             t1 = clock()
@@ -148,7 +168,8 @@ def simulate(workload: str, n: int, tagged: bool, rate: float, seed: int, idle_s
             seq += 1
         else:
             tags, f, pred, rec = pending.pop((wi, ci))
-            out = Outcome(ok=True, prompt_tokens=f.prompt_tokens, output_tokens=c.output_tokens, finished_s=t)
+            out = Outcome(ok=True, prompt_tokens=f.prompt_tokens, output_tokens=c.output_tokens, finished_s=t,
+                          output_fingerprint=output_fingerprint(responses[wi].get(ci, "")) if extra else "")
             t1 = clock()
             p.observe(tags, f, pred, out)
             run.observe_ns.append(clock() - t1)
@@ -251,13 +272,13 @@ def bench(workloads: list[str], n: int, rate: float, seed: int, idle_s: float, r
         results[w] = {}
         for mode in MODES:
             t0 = time.perf_counter()
-            tagged, first = MODES[mode]
-            run = simulate(w, n, tagged, rate, seed, idle_s, first)
+            tagged, first, extra_features = MODES[mode]
+            run = simulate(w, n, tagged, rate, seed, idle_s, first, extra_features)
             # the run is deterministic: repeat it and keep each call's fastest time, which removes the
             # scheduler's preemptions on a shared machine and keeps what the predictor itself costs
             pred_ns, obs_ns = np.array(run.predict_ns), np.array(run.observe_ns)
             for _ in range(repeats - 1):
-                again = simulate(w, n, tagged, rate, seed, idle_s, first)
+                again = simulate(w, n, tagged, rate, seed, idle_s, first, extra_features)
                 pred_ns = np.minimum(pred_ns, again.predict_ns)
                 obs_ns = np.minimum(obs_ns, again.observe_ns)
             label_map: dict[str, str] = {}

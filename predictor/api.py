@@ -82,7 +82,7 @@ class Predictor:
         self._finishing: dict[tuple[str, str], LiveWorkflow] = {}  # waiting for Redis to say who ends them
         self._preds_cache: dict[tuple[str, str], tuple[tuple[int, int], frozenset[str]]] = {}
         self.counters: dict[str, int] = {"predict": 0, "observe": 0, "errors": 0, "linked_prefix": 0,
-                                         "linked_automaton": 0, "linked_content": 0, "live_merged": 0, "new_untagged": 0, "finished": 0}
+                                         "linked_automaton": 0, "linked_content": 0, "linked_message": 0, "live_merged": 0, "new_untagged": 0, "finished": 0}
         self._last_error_log = 0.0
         self._ticker: asyncio.Task[None] | None = None
         self._last_tick = -math.inf
@@ -310,6 +310,8 @@ class Predictor:
                 self.live.set_prompt(wf, f.prefix_hashes, _system_blocks(f))
             if f.content_hashes:
                 self.live.set_content(wf, f.content_hashes)
+            if f.message_fingerprints:
+                self.live.set_messages(wf, f.message_fingerprints)
         else:
             wf.last_hashes = f.prefix_hashes
         if f.messages:
@@ -490,6 +492,11 @@ class Predictor:
             if wid and self.live.get(app, wid) is not None:
                 self.counters["linked_content"] += 1
                 return wid, True
+        if f.message_fingerprints:  # it quotes a response (or a message) of a live workflow
+            wid = self.live.find_message(app, f.message_fingerprints)
+            if wid and self.live.get(app, wid) is not None:
+                self.counters["linked_message"] += 1
+                return wid, True
         # no prompt continues: the workflow whose automaton expects this role now, most recent first
         best: LiveWorkflow | None = None
         best_score = s.link_min_prob
@@ -625,6 +632,8 @@ class Predictor:
         if wf.last_context > 0:
             self._learn(model, f"X|{step.role}", min(prompt / wf.last_context, 4.0))
             self._learn(model, f"XN|{step.role}")
+        if out.output_fingerprint and wf.local_only:  # the next role may quote this response
+            self.live.set_messages(wf, (out.output_fingerprint,))
         step.observed += 1
         step.out_tokens += outp
         step.max_context = max(step.max_context, prompt + outp)

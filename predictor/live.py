@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from itertools import islice
+from typing import Any
 
 
 @dataclass(slots=True)
@@ -40,6 +41,7 @@ class LiveWorkflow:
     out_tokens: int = 0
     indexed: list[int] = field(default_factory=list)  # block hashes this workflow holds in the link index
     content_indexed: list[int] = field(default_factory=list)  # ... and in the content index
+    message_indexed: list[str] = field(default_factory=list)  # message/response fingerprints indexed
     local_only: bool = False  # an untagged workflow linked here: its id means nothing to other processes
     epoch: int = 0  # bumped when steps seen by another gateway process are merged in (step indexes move)
     remote_calls: int = 0  # calls in the latest state merged from another process
@@ -71,6 +73,8 @@ class LiveTable:
         self.hash_index: dict[str, dict[int, str]] = {}
         # app -> block hash of prompt content after the system message -> workflow id
         self.content_index: dict[str, dict[int, str]] = {}
+        # app -> fingerprint of a message or response of the workflow -> workflow id
+        self.message_index: dict[str, dict[str, str]] = {}
 
     def get(self, app: str, wid: str) -> LiveWorkflow | None:
         """The live workflow, or None."""
@@ -154,14 +158,35 @@ class LiveTable:
                 return wid, i + 1
         return "", 0
 
+    def set_messages(self, wf: LiveWorkflow, fingerprints: tuple[str, ...] | list[str]) -> None:
+        """Index fingerprints of the workflow's messages or responses (empty ones are skipped)."""
+        idx = self.message_index.setdefault(wf.app, {})
+        for fp in fingerprints:
+            if fp and idx.get(fp) != wf.wid:
+                idx[fp] = wf.wid
+                wf.message_indexed.append(fp)
+
+    def find_message(self, app: str, fingerprints: tuple[str, ...]) -> str:
+        """The live workflow one of whose messages or responses this call quotes (latest message first)."""
+        idx = self.message_index.get(app)
+        if not idx:
+            return ""
+        for fp in reversed(fingerprints):
+            if fp:
+                wid = idx.get(fp)
+                if wid is not None:
+                    return wid
+        return ""
+
     def _unindex(self, wf: LiveWorkflow) -> None:
-        for index, hashes in ((self.hash_index, wf.indexed), (self.content_index, wf.content_indexed)):
-            idx = index.get(wf.app)
+        for index, keys in ((self.hash_index, wf.indexed), (self.content_index, wf.content_indexed),
+                            (self.message_index, wf.message_indexed)):
+            idx: dict[Any, str] | None = index.get(wf.app)
             if idx:
-                for h in hashes:
+                for h in keys:
                     if idx.get(h) == wf.wid:
                         del idx[h]
-            hashes.clear()
+            keys.clear()
 
     def longest_prefix(self, app: str, hashes: tuple[int, ...], min_blocks: int) -> tuple[str, int]:
         """The live workflow whose prompts share the longest block prefix with `hashes` (to the

@@ -44,6 +44,9 @@ class RequestFeatures:
     # different roles of one workflow share its task text here, behind different system prompts,
     # which lets the predictor link untagged calls across roles (optional; () = not computed)
     content_hashes: tuple[int, ...] = ()
+    # predictor.fingerprint.message_fingerprints(messages): one fingerprint per non-system message (its
+    # first characters); lets an untagged call be linked to the workflow whose response it quotes
+    message_fingerprints: tuple[str, ...] = ()
 
     @property
     def total_tokens_requested(self) -> int:
@@ -101,3 +104,6 @@ class Outcome:
     finished_s: float = 0.0  # monotonic seconds when the response ended
     replica: str = ""
     pool: str = ""
+    # predictor.fingerprint.output_fingerprint(response text) (optional): a later call that quotes this
+    # response is linked to this call's workflow even behind another role's system prompt
+    output_fingerprint: str = ""

@@ -237,3 +237,26 @@ def test_names_from_clients_are_bounded_so_memory_is() -> None:
     model = p.model_json("app0")
     assert len(model["roles"]) == 4 and "_other" in model["roles"] and "bot" in model["roles"]
     assert sum(1 for k in p.models["app0"].counts if k.startswith("FP|bot|")) == 2
+
+
+def test_an_untagged_call_that_quotes_a_response_joins_that_responses_workflow() -> None:
+    from dataclasses import replace
+
+    from predictor.fingerprint import message_fingerprints, output_fingerprint
+
+    p = make_predictor(workflow_idle_s=10.0)
+    answers = {wf: f"the patch written for workflow {wf}: " + "diff line " * 40 for wf in ("a", "b")}
+    coder_ids = {}
+    for wf in ("a", "b"):  # two coders answer, untagged, nothing learned yet
+        f = feats("coder", f"implement feature {wf} " * 40)
+        pr = p.predict(Tags(), f, 0.0)
+        p.observe(Tags(), f, pr, Outcome(True, f.prompt_tokens, 200, finished_s=1.0,
+                                         output_fingerprint=output_fingerprint(answers[wf])))
+        coder_ids[wf] = pr.workflow
+    # a tester quotes coder b's answer behind its own system prompt: no shared prefix, no shared task
+    msgs = ({"role": "system", "content": SYSTEMS["tester"]}, {"role": "user", "content": answers["b"]},
+            {"role": "user", "content": "test log: " + "FAILED " * 30})
+    f = replace(feats("tester", answers["b"]), messages=msgs, message_fingerprints=message_fingerprints(msgs))
+    pr = p.predict(Tags(), f, 3.0)
+    assert pr.workflow == coder_ids["b"] != coder_ids["a"]
+    assert p.counters["linked_message"] == 1
