@@ -328,14 +328,14 @@ class Simulation:
         ctx.prefix_match = None
         d = route(ctx, self.view, self.policy)
         if d.error is not None:
-            self._fail(live, t, f"http_{d.error.status}", d.error.status)
+            self._fail(live, t, f"http_{d.error.status}", d.error.status, d.error.message)
             return True
         if d.queue:
             if first:
                 live.queued_at = t
                 self.stats.queued += 1
                 if self.queues[d.pool].push(live, d.priority, t) is None:
-                    self._fail(live, t, "http_429", 429)
+                    self._fail(live, t, "http_429", 429, "admission queue full")
                     return True
             return False
         self._dispatch(live, d, t)
@@ -355,10 +355,10 @@ class Simulation:
         engine = self.engines[r.url]
         try:
             engine.add_request(req, t)
-        except RequestRejected:
+        except RequestRejected as e:
             self.stats.rejected += 1
             self._refresh_next(r.url)
-            self._fail(live, t, "http_400", 400)
+            self._fail(live, t, "http_400", 400, str(e))
             return
         r.inflight += 1
         r.inflight_prompt_tokens += f.prompt_tokens
@@ -387,8 +387,9 @@ class Simulation:
         self.stats.prewarms_sent += 1
         self._refresh_next(url)
 
-    def _fail(self, live: _Live, t: float, kind: str, status: int) -> None:
+    def _fail(self, live: _Live, t: float, kind: str, status: int, detail: str = "") -> None:
         live.rec.error, live.rec.status, live.rec.end_s = kind, status, t
+        live.rec.detail = detail[:300]
         self._resolve(live.wf, live.call, False, t)
 
     # ------------------------------------------------------------------ engines
