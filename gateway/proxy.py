@@ -53,6 +53,7 @@ _DROP_REQUEST_RAW = frozenset(h.lower().encode() for h in (*_DROP_REQUEST_HEADER
 _DROP_RESPONSE_HEADERS = frozenset(
     ("content-length", "transfer-encoding", "connection", "keep-alive", "date", "server", "trailer", "upgrade")
 )
+LOG_EVERY_S = 10.0  # upstream errors are counted always, logged at most this often per replica and kind
 _DROP_RESPONSE_RAW = frozenset(h.encode() for h in _DROP_RESPONSE_HEADERS)
 _USAGE_RE = re.compile(rb'"usage"\s*:\s*(\{(?:[^{}]|\{[^{}]*\})*\})')
 
@@ -136,6 +137,7 @@ class Gateway:
         self.session: aiohttp.ClientSession | None = None  # passthrough calls (off the hot path)
         self.upstreams: dict[str, ReplicaPool] = {}  # completions: keep-alive pool per replica URL
         self._stats_task: asyncio.Task[None] | None = None
+        self._error_log: dict[tuple[str, str], tuple[float, int]] = {}  # (replica, kind) -> (logged at, suppressed)
         # Hooks for the admission queue and the pre-warm sender; None = not installed.
         # admission: awaited when route() says the pool is saturated (Decision.queue); returns the final decision.
         # prewarm: called (sync, must not block) with a decision's PrewarmActions before the call is forwarded.
@@ -351,20 +353,20 @@ class Gateway:
         try:
             resp = await pool.request(head, payload, self.settings.read_timeout_s)
         except ReadTimeout:
-            self.metrics.upstream_error(replica.url, "read_timeout")
+            self._upstream_error(replica.url, "read_timeout")
             return _Attempt("read_timeout", 504, "upstream_timeout", "upstream did not answer in time", False)
         except ConnectTimeout as e:
             self.monitor.record_failure(replica, False, "connect timeout")
-            self.metrics.upstream_error(replica.url, e.kind)
+            self._upstream_error(replica.url, e.kind)
             return _Attempt(e.kind, 504, "upstream_timeout", "upstream connect timed out", True)
         except UpstreamError as e:  # refused, unreachable, or closed before answering
             self.monitor.record_failure(replica, e.conclusive, e.kind)
-            self.metrics.upstream_error(replica.url, e.kind)
+            self._upstream_error(replica.url, e.kind)
             code = "upstream_unavailable" if isinstance(e, ConnectFailed) else "upstream_error"
             return _Attempt(e.kind, 502, code, f"upstream failed: {e}", True)
         if resp.status >= 500:
             self.monitor.record_failure(replica, False, f"status {resp.status}")
-            self.metrics.upstream_error(replica.url, f"status_{resp.status}")
+            self._upstream_error(replica.url, f"status_{resp.status}")
         else:
             replica.consecutive_failures = 0
         return resp
@@ -379,18 +381,18 @@ class Gateway:
         except aiohttp.ClientConnectorError as e:
             refused = isinstance(e.os_error, ConnectionRefusedError)
             self.monitor.record_failure(replica, refused, "connect")
-            self.metrics.upstream_error(replica.url, "connect")
+            self._upstream_error(replica.url, "connect")
             return _Attempt("connect", 502, "upstream_unavailable", f"cannot connect to upstream: {e.strerror}", True)
         except aiohttp.ConnectionTimeoutError:
             self.monitor.record_failure(replica, False, "connect timeout")
-            self.metrics.upstream_error(replica.url, "connect_timeout")
+            self._upstream_error(replica.url, "connect_timeout")
             return _Attempt("connect_timeout", 504, "upstream_timeout", "upstream connect timed out", True)
         except (TimeoutError, aiohttp.SocketTimeoutError):
-            self.metrics.upstream_error(replica.url, "read_timeout")
+            self._upstream_error(replica.url, "read_timeout")
             return _Attempt("read_timeout", 504, "upstream_timeout", "upstream did not answer in time", False)
         except aiohttp.ClientError as e:
             self.monitor.record_failure(replica, False, e.__class__.__name__)
-            self.metrics.upstream_error(replica.url, "disconnect")
+            self._upstream_error(replica.url, "disconnect")
             return _Attempt("disconnect", 502, "upstream_error", f"upstream failed: {e.__class__.__name__}", True)
         return resp
 
@@ -488,7 +490,7 @@ class Gateway:
                 try:
                     data = await resp.read_all()
                 except UpstreamError as e:
-                    self.metrics.upstream_error(replica.url, e.kind)
+                    self._upstream_error(replica.url, e.kind)
                     code, st = ("upstream_timeout", 504) if isinstance(e, ReadTimeout) else ("upstream_error", 502)
                     return error_response(st, code, f"upstream failed: {e}"), st, -1.0
                 ttft = time.monotonic() - features.arrival_s
@@ -497,7 +499,7 @@ class Gateway:
             try:
                 chunk = await resp.next_chunk()
             except UpstreamError as e:  # nothing reached the client yet: a plain error answer
-                self.metrics.upstream_error(replica.url, e.kind)
+                self._upstream_error(replica.url, e.kind)
                 code, st = ("upstream_timeout", 504) if isinstance(e, ReadTimeout) else ("upstream_error", 502)
                 return error_response(st, code, f"upstream failed: {e}"), st, -1.0
             ttft = time.monotonic() - features.arrival_s
@@ -524,7 +526,7 @@ class Gateway:
             except UpstreamError as e:
                 # upstream broke mid-stream: end the SSE stream cleanly with an error event
                 ok = False
-                self.metrics.upstream_error(replica.url, e.kind)
+                self._upstream_error(replica.url, e.kind)
                 tail = last or prev
                 sep = b"" if not tail or tail.endswith(b"\n\n") else (b"\n" if tail.endswith(b"\n") else b"\n\n")
                 with contextlib.suppress(ConnectionError):
@@ -572,6 +574,18 @@ class Gateway:
             self.predictor.observe(ctx.tags, f, ctx.prediction, outcome)
         except Exception:
             log.exception("observe failed")
+
+    def _upstream_error(self, replica: str, kind: str) -> None:
+        """Count an upstream failure; log it at most once per replica and kind every LOG_EVERY_S."""
+        self.metrics.upstream_error(replica, kind)
+        key = (replica, kind)
+        now = time.monotonic()
+        last, suppressed = self._error_log.get(key, (-LOG_EVERY_S, 0))
+        if now - last >= LOG_EVERY_S:
+            self._error_log[key] = (now, 0)
+            log.warning("upstream error", extra={"replica": replica, "kind": kind, "suppressed": suppressed})
+        else:
+            self._error_log[key] = (last, suppressed + 1)
 
     # -- tracing ---------------------------------------------------------------------------------
     def _start_span(self, ctx: RoutingContext, decision: Decision) -> Any:
@@ -651,7 +665,7 @@ class Gateway:
                     async for chunk in result.content.iter_any():
                         await out.write(chunk)
                 except (TimeoutError, aiohttp.ClientError):
-                    self.metrics.upstream_error(replica.url, "disconnect")
+                    self._upstream_error(replica.url, "disconnect")
                 await out.write_eof()
                 self.metrics.request_done(replica.pool, replica.url, result.status)
                 return out
