@@ -74,6 +74,7 @@ def pythia(
     kv_budget: float = 1.0,
     max_inflight: int = 0,
     spill_margin: float = 0.02,
+    short_penalty: float = 0.05,
     headroom_weight: float = 1.0,
     prefix_weight: float = 8.0,
     queue_weight: float = 1.0,
@@ -92,7 +93,7 @@ def pythia(
     scorer = PythiaPlacementScorer(queue_weight, headroom_weight if capacity else 0.0, prefix_weight if prefix else 0.0)
     return Policy(
         name,
-        partial(predicted_peak_pool, spill_margin=spill_margin) if pool else smallest_fitting_pool,
+        partial(predicted_peak_pool, spill_margin=spill_margin, short_penalty=short_penalty) if pool else smallest_fitting_pool,
         tuple(filters),
         ((scorer, 1.0),),
         MaxScorePicker(),

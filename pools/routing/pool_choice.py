@@ -40,17 +40,22 @@ def workflow_id(ctx: RoutingContext) -> str:
     return ctx.prediction.workflow or ctx.tags.workflow
 
 
-def predicted_peak_pool(ctx: RoutingContext, view: ClusterView, spill_margin: float = 0.1) -> PoolState | RouteError:
+def predicted_peak_pool(
+    ctx: RoutingContext, view: ClusterView, spill_margin: float = 0.02, short_penalty: float = 0.05
+) -> PoolState | RouteError:
     """Pythia mechanism 1: one pool for the workflow's whole life, sized by its *predicted peak* context.
 
-    The first call of a workflow picks the smallest pool whose limit holds
-    `Prediction.peak_context_tokens` (and this call), and the workflow is pinned there in
-    `RoutingState.workflow_pool`, so its cache stays in one pool and long workflows never start in a
-    short pool only to migrate (and re-prefill) later. Later calls go to the pinned pool while it can
-    hold them; a call that outgrows it (the prediction was wrong) moves the workflow to the smallest
-    pool that fits its new peak. Cold predictions fall back to the current call's size. A new workflow
-    spills to a larger class when that class is less loaded by more than `spill_margin` (see
-    `least_pressed`), so a pool class that the traffic does not need does not sit idle.
+    The first call of a workflow chooses among the pools that hold this call, preferring the smallest
+    whose limit holds `Prediction.peak_context_tokens`, and the workflow is pinned there in
+    `RoutingState.workflow_pool`: its cache stays in one pool, and a workflow predicted to grow long
+    does not start in a short pool only to migrate (and prefill its whole context again) later.
+    Pools are weighed by load (`pool_pressure`): a pool too small for the predicted peak costs
+    `short_penalty` (the migration it will likely need), each class above the smallest that fits costs
+    `spill_margin`; the lowest total wins. So a predicted-long workflow still starts in the short pool
+    while the long pool is much busier (a mispredicted peak must not pile work on the few long
+    replicas), and short workflows spill up to an idle long pool. Later calls go to the pinned pool
+    while it can hold them; a call that outgrows it moves the workflow (the prediction was wrong).
+    Cold predictions size by the current call.
     """
     pools = serving_pools(ctx, view)
     if isinstance(pools, RouteError):
@@ -64,13 +69,23 @@ def predicted_peak_pool(ctx: RoutingContext, view: ClusterView, spill_margin: fl
             for p in pools:
                 if p.name == pinned and p.max_context_tokens >= now_need:
                     return p
+    fitting = [p for p in pools if p.max_context_tokens >= now_need]
+    if not fitting:
+        return smallest_fitting_pool(ctx, view)
     peak = now_need if ctx.prediction.cold else max(now_need, ctx.prediction.peak_context_tokens)
-    fitting = [p for p in pools if p.max_context_tokens >= peak]
-    if not fitting:  # the predicted peak exceeds every pool: the largest that holds this call
-        fitting = [p for p in pools if p.max_context_tokens >= now_need][-1:]
-        if not fitting:
-            return smallest_fitting_pool(ctx, view)
-    chosen = fitting[0] if len(fitting) == 1 else least_pressed(fitting, spill_margin)
+    chosen = fitting[0]
+    if len(fitting) > 1:
+        best = float("inf")
+        rank = 0
+        for p in fitting:
+            score = pool_pressure(p)
+            if p.max_context_tokens < peak:
+                score += short_penalty
+            else:
+                score += spill_margin * rank
+                rank += 1
+            if score < best - 1e-12:
+                best, chosen = score, p
     if wf:
         state.remember_workflow(wf, chosen.name, ctx.now)
     return chosen
@@ -89,18 +104,3 @@ def pool_pressure(pool: PoolState) -> float:
         busy = max(r.inflight, r.num_running + r.num_waiting) / (r.max_num_seqs or 256)
         total += kv if kv > busy else busy
     return total / n if n else float("inf")
-
-
-def least_pressed(fitting: list[PoolState], margin: float) -> PoolState:
-    """The smallest fitting pool, unless a larger one is less loaded by more than `margin`.
-
-    Spilling a workflow up a class uses capacity that would otherwise sit idle (a long pool when
-    traffic is short); the margin keeps the larger pool's headroom for the workflows only it can hold.
-    """
-    best = fitting[0]
-    best_p = pool_pressure(best)
-    for p in fitting[1:]:
-        pp = pool_pressure(p)
-        if pp + margin < best_p:
-            best, best_p = p, pp
-    return best
