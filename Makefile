@@ -33,7 +33,8 @@ bench-predictor: $(STAMP)
 
 bench-routing: $(STAMP)
 	$(BIN)/pythia-loadgen compare --policies round_robin,least_loaded,session,prefix,llmd,pythia --ablations \
-		--workload mixed --load 0.9 --replicas 8 --preset llama-3.1-8b-a100 --out docs/results/routing-peak.json
+		--workload mixed --load 0.9 --replicas 8 --preset llama-3.1-8b-a100 --workflows 400 --no-progress \
+		--out docs/results/routing-peak.json
 
 bench-gateway: $(STAMP)
 	$(BIN)/python -m gateway.bench.overhead --out docs/results/gateway-overhead.json
