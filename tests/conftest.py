@@ -84,10 +84,9 @@ class Proc:
         return self.popen.returncode
 
     def kill(self) -> None:
-        """SIGKILL the process and anything it started (its own process group)."""
-        if self.alive():
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.popen.pid, signal.SIGKILL)
+        """SIGKILL the process and anything it started (its own process group, even if it already exited)."""
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.popen.pid, signal.SIGKILL)
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.popen.wait(5)
 
