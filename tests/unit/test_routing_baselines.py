@@ -19,9 +19,9 @@ def view() -> ClusterView:
     )
 
 
-def ctx(state: RoutingState, text: str = "hello", max_tokens: int = 16, tags: Tags = Tags(), exclude=frozenset()):
+def ctx(state: RoutingState, text: str = "hello", max_tokens: int = 16, tags: Tags | None = None, exclude=frozenset()):
     f = extract_features({"model": "m", "messages": [{"role": "user", "content": text}], "max_tokens": max_tokens}, True)
-    return RoutingContext(f, tags, Prediction(), 0.0, state, exclude=exclude)
+    return RoutingContext(f, tags or Tags(), Prediction(), 0.0, state, exclude=exclude)
 
 
 def test_round_robin_spreads_evenly_in_smallest_fitting_pool() -> None:
