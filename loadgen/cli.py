@@ -114,10 +114,11 @@ def _live_parser(sub: argparse._SubParsersAction, name: str, help_: str) -> argp
 async def _live(a: argparse.Namespace, mode: str) -> dict[str, Any]:
     from tqdm import tqdm
 
-    from loadgen.driver import Driver, DriverConfig, fetch_models
+    from loadgen.driver import Driver, DriverConfig, fetch_models, raise_fd_limit
     from loadgen.results import make_result, result_entry
     from loadgen.scrape import counters_delta, discover_replicas, scrape
 
+    raise_fd_limit()
     model = a.model
     if not model:
         models = await fetch_models(a.target)
@@ -171,7 +172,11 @@ async def _live(a: argparse.Namespace, mode: str) -> dict[str, Any]:
     after = await scrape(urls)
     engine = counters_delta(before, after)
     entry = result_entry(records.requests, records.workflows, _slo(a), engine, records.duration_s,
-                         extra={"metrics_endpoints": list(after.endpoints), "cancelled": records.cancelled or interrupted})
+                         extra={"metrics_endpoints": list(after.endpoints), "cancelled": records.cancelled or interrupted,
+                                "client": {"cpu_s": records.client_cpu_s,
+                                           "cpu_utilisation": records.client_cpu_s / max(records.duration_s, 1e-9),
+                                           "cpu_us_per_request": 1e6 * records.client_cpu_s / max(1, len(records.requests)),
+                                           "connections_opened": records.connections_opened}})
     config = {"mode": mode, "target": a.target, "model": model, **_workload_config(a), "slo": asdict(_slo(a)),
               "stream": not a.no_stream, "tagged": not a.untagged, "metrics_urls": urls,
               "started_unix": records.started_wall, "workflows_sent": len(workflows), "calls_planned": total_calls}

@@ -54,6 +54,8 @@ class RunRecords:
     started_wall: float  # time.time() at t=0
     duration_s: float
     cancelled: bool = False
+    client_cpu_s: float = 0.0  # this process's CPU time during the run (user + system)
+    connections_opened: int = 0
 
 
 ProgressFn = Callable[[RequestRecord], None]
@@ -86,6 +88,7 @@ class Driver:
         self._pool = ConnectionPool(self.cfg.base(), self.cfg.connect_timeout_s, self.cfg.max_connections)
         self._t0 = loop.time()
         started_wall = time.time()
+        cpu0 = time.process_time()
         ordered = sorted(workflows, key=lambda w: w.arrival_s)
         try:
             for wf in ordered:
@@ -112,7 +115,8 @@ class Driver:
         finally:
             self._pool.close()
         duration = loop.time() - self._t0
-        return RunRecords(self.requests, self.workflows, started_wall, duration, cancelled)
+        return RunRecords(self.requests, self.workflows, started_wall, duration, cancelled,
+                          time.process_time() - cpu0, self._pool.opened)
 
     async def _workflow(self, wf: Workflow, rec: WorkflowRecord) -> None:
         loop = asyncio.get_running_loop()
@@ -315,6 +319,21 @@ def _error_message(raw: bytes) -> str:
         return str(msg)[:300]
     except (orjson.JSONDecodeError, AttributeError, KeyError, TypeError):
         return raw[:300].decode("utf-8", "replace")
+
+
+def raise_fd_limit() -> int:
+    """Lift the soft open-files limit to the hard one (open loop may hold many connections); returns it."""
+    try:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if hard == resource.RLIM_INFINITY or hard > soft:
+            new = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+            return int(new)
+        return int(soft)
+    except (ImportError, ValueError, OSError):
+        return 0
 
 
 async def fetch_models(target: str, timeout_s: float = 5.0) -> list[str]:
