@@ -36,7 +36,7 @@ from gateway.upstream import (
     request_head,
 )
 from pools.request_features import InvalidRequest, extract_features
-from pools.routing import Decision, Policy, PrewarmAction, RoutingContext, RoutingState, route
+from pools.routing import Decision, Policy, PrewarmAction, RoutingContext, RoutingState, make_policy, route
 from pools.routing.router import NO_REPLICA_RETRY_AFTER_S
 from pools.types import ClusterView, PoolConfig, ReplicaState
 from predictor.types import Outcome, Prediction
@@ -53,11 +53,11 @@ _DROP_REQUEST_RAW = frozenset(h.lower().encode() for h in (*_DROP_REQUEST_HEADER
 _DROP_RESPONSE_HEADERS = frozenset(
     ("content-length", "transfer-encoding", "connection", "keep-alive", "date", "server", "trailer", "upgrade")
 )
-LOG_EVERY_S = 10.0  # upstream errors are counted always, logged at most this often per replica and kind
 _DROP_RESPONSE_RAW = frozenset(h.encode() for h in _DROP_RESPONSE_HEADERS)
+LOG_EVERY_S = 10.0  # upstream errors are counted always, logged at most this often per replica and kind
 _USAGE_RE = re.compile(rb'"usage"\s*:\s*(\{(?:[^{}]|\{[^{}]*\})*\})')
 
-# Hook types for the pieces that plug into the hot path (see README "Extending the gateway")
+# Hook types for the pieces that plug into the hot path (README, "Extending the hot path")
 AdmissionHook = Callable[[RoutingContext, Decision], Awaitable[Decision]]
 PrewarmHook = Callable[[tuple[PrewarmAction, ...]], None]
 ReleaseListener = Callable[[ReplicaState], None]
@@ -119,8 +119,6 @@ class Gateway:
         self.routing_state = RoutingState()
         # workers start their rotations at different replicas, so N workers spread like one
         self.routing_state.round_robin.update({p.name: worker_index for p in self.view.pools})
-        from pools.routing import make_policy
-
         self.policy: Policy = make_policy(settings.policy)
         self.predictor = predictor
         self.metrics = metrics if metrics is not None else GatewayMetrics()
