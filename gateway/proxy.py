@@ -21,6 +21,13 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from gateway.errors import error_response, sse_error_event
+from gateway.features import (
+    KEEP_STREAM_BYTES,
+    add_predictor_inputs,
+    answer_fingerprint,
+    stream_fingerprint,
+    wants_linking,
+)
 from gateway.health import ReplicaMonitor
 from gateway.metrics import GatewayMetrics
 from gateway.prediction import PredictorLike
@@ -272,6 +279,8 @@ class Gateway:
         try:
             tags, changed = read_tags(request.headers, body, self._tag_len)
             features = extract_features(body, chat, t0)
+            if chat:
+                add_predictor_inputs(features, body, wants_linking(tags))
         except (TagError, InvalidRequest) as e:
             return self._reject(400, "invalid_tag" if isinstance(e, TagError) else "invalid_request", str(e), e.param)
         try:
@@ -492,7 +501,11 @@ class Gateway:
                     code, st = ("upstream_timeout", 504) if isinstance(e, ReadTimeout) else ("upstream_error", 502)
                     return error_response(st, code, f"upstream failed: {e}"), st, -1.0
                 ttft = time.monotonic() - features.arrival_s
-                self._observe(ctx, decision, replica, status < 400, find_usage(data) if status < 400 else None, 0, ttft)
+                out_fp = ""
+                if status < 400 and wants_linking(ctx.tags):
+                    out_fp = answer_fingerprint(data, bool(features.messages))
+                usage = find_usage(data) if status < 400 else None
+                self._observe(ctx, decision, replica, status < 400, usage, 0, ttft, out_fp)
                 return web.Response(status=status, body=data, headers=headers), status, ttft
             try:
                 chunk = await resp.next_chunk()
@@ -506,11 +519,17 @@ class Gateway:
             prev = last = b""
             ok = True
             eof_sent = False
+            # the stream's first bytes, kept (by reference) for the output fingerprint of untagged calls
+            head: list[bytes] | None = [] if wants_linking(ctx.tags) else None
+            head_len = 0
             try:
                 await out.prepare(request)
                 while chunk is not None:
                     events += chunk.count(b"data:")
                     prev, last = last, chunk
+                    if head is not None and head_len < KEEP_STREAM_BYTES:
+                        head.append(chunk)
+                        head_len += len(chunk)
                     if resp.at_end:  # last bytes: send them with the stream's end in one write
                         eof_sent = True
                         await out.write_eof(chunk)
@@ -533,7 +552,8 @@ class Gateway:
             if not eof_sent:
                 with contextlib.suppress(ConnectionError):
                     await out.write_eof()
-            self._observe(ctx, decision, replica, ok, find_usage(prev + last), max(0, events - 2), ttft)
+            out_fp = stream_fingerprint(b"".join(head), bool(features.messages)) if head and ok else ""
+            self._observe(ctx, decision, replica, ok, find_usage(prev + last), max(0, events - 2), ttft, out_fp)
             return out, status, ttft
         finally:
             resp.close()
@@ -547,6 +567,7 @@ class Gateway:
         usage: dict[str, Any] | None,
         events_estimate: int,
         ttft: float,
+        output_fingerprint: str = "",
     ) -> None:
         f = ctx.features
         prompt, output, cached = f.prompt_tokens, events_estimate, 0
@@ -567,6 +588,7 @@ class Gateway:
             finished_s=now,
             replica=replica.url,
             pool=decision.pool,
+            output_fingerprint=output_fingerprint,
         )
         try:
             self.predictor.observe(ctx.tags, f, ctx.prediction, outcome)

@@ -19,6 +19,8 @@ from gateway.metrics import GatewayMetrics
 from gateway.prediction import ColdPredictor
 from gateway.settings import Settings
 from pools.types import PoolConfig
+from predictor.fingerprint import output_fingerprint
+from predictor.types import Outcome, Prediction, RequestFeatures, Tags
 from tests.fakes.openai_server import FakeUpstream
 
 MODEL = "test-model"
@@ -126,6 +128,41 @@ async def test_policy_priority_reaches_the_engine_only_when_forwarded(upstreams:
     async with aiohttp.ClientSession() as s, s.get(x + "/debug/stats") as r:
         forwarded = orjson.loads((await r.json())["last_body"])
     assert ("priority" in forwarded) is forward
+
+
+class RecordingPredictor(ColdPredictor):
+    def __init__(self) -> None:
+        self.seen: list[tuple[Tags, RequestFeatures, Outcome]] = []
+
+    def observe(self, tags: Tags, features: RequestFeatures, prediction: Prediction, outcome: Outcome) -> None:
+        self.seen.append((tags, features, outcome))
+
+
+async def test_the_predictor_observes_usage_and_fingerprints_of_untagged_calls(upstreams: list[TestServer]) -> None:
+    x = url_of(upstreams[0])
+    rec = RecordingPredictor()
+    app = build_app(Settings(), [PoolConfig("p", 8192, (MODEL,), (x,))], rec, GatewayMetrics())
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    msgs = [{"role": "system", "content": "You are a searcher."}, {"role": "user", "content": "rivers " * 60}]
+    try:
+        async with aiohttp.ClientSession() as s:
+            for stream in (False, True):
+                body = {"model": MODEL, "messages": msgs, "stream": stream, "fake": {"chunks": 30}}
+                async with s.post(url_of(server) + "/v1/chat/completions", json=body) as r:
+                    assert r.status == 200
+                    await r.read()
+            tagged = {"model": MODEL, "messages": msgs, "fake": {"chunks": 30}}
+            async with s.post(url_of(server) + "/v1/chat/completions", json=tagged, headers={"X-Pythia-Workflow": "w"}) as r:
+                await r.read()
+    finally:
+        await server.close()
+    (_, f1, o1), (_, _, o2), (t3, f3, o3) = rec.seen
+    text = "".join(f"x-w{i} " for i in range(30))
+    assert o1.ok and o1.output_tokens == 30 and o1.output_fingerprint == output_fingerprint(text)
+    assert o2.ok and o2.output_fingerprint == output_fingerprint(text)  # from the SSE deltas
+    assert f1.content_hashes and f1.message_fingerprints and f1.messages[0]["role"] == "system"
+    assert t3.workflow == "w" and not f3.content_hashes and o3.output_fingerprint == ""
 
 
 async def test_unhealthy_replica_marked_down_by_active_checks(upstreams: list[TestServer]) -> None:
