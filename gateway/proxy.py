@@ -349,7 +349,10 @@ class Gateway:
         pool = self.upstreams.get(replica.url)
         if pool is None:
             pool = self.upstreams[replica.url] = ReplicaPool(
-                replica.url, self.settings.connect_timeout_s, self.settings.upstream_keepalive_s
+                replica.url,
+                self.settings.connect_timeout_s,
+                self.settings.upstream_keepalive_s,
+                self.settings.upstream_max_connections,
             )
         return pool
 

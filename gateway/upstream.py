@@ -11,6 +11,7 @@ connection, which is how vLLM learns that the client went away.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import socket
 import ssl
@@ -175,7 +176,7 @@ class UpstreamResponse:
 class _Conn(asyncio.Protocol):
     """One keep-alive connection to a replica; carries one exchange at a time."""
 
-    __slots__ = ("closed", "idle_since", "parser", "pool", "resp", "transport")
+    __slots__ = ("closed", "counted", "idle_since", "parser", "pool", "resp", "transport")
 
     def __init__(self, pool: ReplicaPool) -> None:
         self.pool = pool
@@ -183,6 +184,7 @@ class _Conn(asyncio.Protocol):
         self.parser = httptools.HttpResponseParser(self)
         self.resp: UpstreamResponse | None = None
         self.closed = False
+        self.counted = False  # in the pool's open-connection count
         self.idle_since = 0.0
 
     def send(self, data: bytes | Iterable[bytes], read_timeout: float) -> UpstreamResponse:
@@ -222,6 +224,9 @@ class _Conn(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        if self.counted:
+            self.counted = False
+            self.pool._on_closed()
         resp = self.resp
         if resp is not None and not resp.complete:
             resp._fail(Disconnected("upstream closed the connection"))
@@ -266,7 +271,14 @@ class _Conn(asyncio.Protocol):
 class ReplicaPool:
     """Keep-alive connections to one replica (most recently used first)."""
 
-    def __init__(self, base_url: str, connect_timeout_s: float, keepalive_s: float, max_idle: int = 1024) -> None:
+    def __init__(
+        self,
+        base_url: str,
+        connect_timeout_s: float,
+        keepalive_s: float,
+        max_connections: int = 0,
+        max_idle: int = 1024,
+    ) -> None:
         u = urlsplit(base_url)
         if u.scheme not in ("http", "https") or not u.hostname:
             raise ValueError(f"replica URL must be http(s)://host[:port]: {base_url}")
@@ -277,7 +289,10 @@ class ReplicaPool:
         self.connect_timeout_s = connect_timeout_s
         self.keepalive_s = keepalive_s
         self.max_idle = max_idle
+        self.max_connections = max_connections  # 0 = unlimited
+        self._open = 0  # connections made and not yet lost
         self._idle: list[_Conn] = []
+        self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
 
     async def request(self, head: bytes, body: bytes, read_timeout_s: float) -> UpstreamResponse:
         """Send one request (head ends with the blank line) and wait for the answer's status and headers.
@@ -297,7 +312,7 @@ class ReplicaPool:
             except BaseException:
                 resp.close()
                 raise
-        conn = await self._connect()
+        conn = await self._acquire(read_timeout_s)
         resp = conn.send(data, read_timeout_s)
         try:
             await resp.wait_headers()
@@ -310,8 +325,49 @@ class ReplicaPool:
         if len(self._idle) < self.max_idle:
             conn.idle_since = time.monotonic()
             self._idle.append(conn)
+            self._wake_one()
         else:
             conn.abort()
+
+    def _on_closed(self) -> None:
+        self._open -= 1
+        self._wake_one()
+
+    def _wake_one(self) -> None:
+        while self._waiters:
+            w = self._waiters.popleft()
+            if not w.done():
+                w.set_result(None)
+                return
+
+    async def _acquire(self, wait_s: float) -> _Conn:
+        """An idle connection, else a new one; at `max_connections` open, wait (up to wait_s) for one."""
+        deadline = time.monotonic() + wait_s
+        while True:
+            conn = self._take_idle()
+            if conn is not None:
+                return conn
+            if not self.max_connections or self._open < self.max_connections:
+                self._open += 1
+                try:
+                    conn = await self._connect()
+                except BaseException:
+                    self._open -= 1
+                    self._wake_one()
+                    raise
+                if conn.closed:  # lost already: its connection_lost did not count it
+                    self._open -= 1
+                    self._wake_one()
+                else:
+                    conn.counted = True
+                return conn
+            fut = asyncio.get_running_loop().create_future()
+            self._waiters.append(fut)
+            try:
+                async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+                    await fut
+            except TimeoutError:
+                raise ConnectTimeout(f"all {self.max_connections} connections to {self.host}:{self.port} busy") from None
 
     def close(self) -> None:
         for c in self._idle:

@@ -82,6 +82,21 @@ async def test_keep_alive_connections_are_reused(server: tuple[RawServer, str]) 
     pool.close()
 
 
+async def test_max_connections_makes_calls_wait_for_a_free_one(server: tuple[RawServer, str]) -> None:
+    rs, url = server
+
+    async def slow(head: bytes, body: bytes, w: asyncio.StreamWriter) -> None:
+        await asyncio.sleep(0.1)
+        RawServer.ok(head, body, w)
+
+    rs.respond = slow
+    pool = ReplicaPool(url, 1.0, 30.0, max_connections=2)
+    results = await asyncio.gather(*(call(pool) for _ in range(6)))
+    assert all(r == (200, b'{"ok":true}') for r in results)
+    assert rs.connections == 2
+    pool.close()
+
+
 async def test_a_connection_the_upstream_closed_is_replaced(server: tuple[RawServer, str]) -> None:
     rs, url = server
     rs.close_after_each = True  # like an engine whose keep-alive expired
