@@ -94,6 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--duration", type=float, default=30.0, help="seconds of workflow arrivals")
     p.add_argument("--rate", type=float, default=1.0, help="workflow arrivals per second")
     p.add_argument("--workload", default="mixed")
+    p.add_argument("--trace", default="", help="replay this JSONL trace instead of the workload (see --speed)")
+    p.add_argument("--speed", type=float, default=10.0, help="trace time compression for --trace")
     p.add_argument("--policy", default="pythia", help="the gateway's routing policy")
     p.add_argument("--time-scale", type=float, default=10.0, help="engines run this much faster than the GPU model")
     p.add_argument("--short-replicas", type=int, default=3)
@@ -141,16 +143,23 @@ def main(argv: list[str] | None = None) -> int:
         wait_ready(gw_url + "/ready", gw, "gateway", logs)
         print(f"pythia demo: gateway {gw_url} (policy {a.policy}) in front of {a.short_replicas} short (16k) + "
               f"{a.long_replicas} long (128k) simulated llama-3.1-8b/A100 engines at {a.time_scale:g}x speed", flush=True)
-        print(f"load: '{a.workload}' workflows at {a.rate:g}/s for {a.duration:g}s (think times and outputs "
-              f"scaled to the engines' speed); logs in {logs}", flush=True)
+        if a.trace:
+            print(f"load: replay of {a.trace} at {a.speed:g}x; logs in {logs}", flush=True)
+        else:
+            print(f"load: '{a.workload}' workflows at {a.rate:g}/s for {a.duration:g}s (think times and outputs "
+                  f"scaled to the engines' speed); logs in {logs}", flush=True)
         from loadgen.cli import main as loadgen_main
 
-        rc = loadgen_main([
-            "run", "--target", gw_url, "--workload", a.workload, "--rate", str(a.rate), "--duration", str(a.duration),
-            "--seed", str(a.seed), "--think-scale", f"{scale:g}", "--output-scale", "0.25",
-            "--slo-ttft", f"{2.0 * scale:g}", "--slo-tpot", f"{0.1 * scale:g}", "--timeout", "120",
-            "--drain-timeout", "90", "--out", str(out / "demo.json"), "--plot", str(out / "demo.png"),
-        ])
+        common = ["--timeout", "300", "--drain-timeout", "300", "--out", str(out / "demo.json"),
+                  "--plot", str(out / "demo.png")]
+        if a.trace:
+            rc = loadgen_main(["replay", "--trace", a.trace, "--target", gw_url, "--speed", str(a.speed), *common])
+        else:
+            rc = loadgen_main([
+                "run", "--target", gw_url, "--workload", a.workload, "--rate", str(a.rate), "--duration",
+                str(a.duration), "--seed", str(a.seed), "--think-scale", f"{scale:g}", "--output-scale", "0.25",
+                "--slo-ttft", f"{2.0 * scale:g}", "--slo-tpot", f"{0.1 * scale:g}", *common,
+            ])
         print(f"(latencies are in demo time: multiply by {a.time_scale:g} for the modelled GPU)")
         return rc
     except KeyboardInterrupt:
