@@ -229,7 +229,13 @@ class _Conn(asyncio.Protocol):
             self.pool._on_closed()
         resp = self.resp
         if resp is not None and not resp.complete:
-            resp._fail(Disconnected("upstream closed the connection"))
+            if resp.headers_done and resp.header(b"content-length") is None and resp.header(b"transfer-encoding") is None:
+                resp.complete = True  # a body delimited by closing the connection (HTTP/1.0 style) ends here
+                resp._conn = None
+                self.resp = None
+                resp._wake()
+            else:
+                resp._fail(Disconnected("upstream closed the connection"))
 
     # httptools callbacks
     def on_header(self, name: bytes, value: bytes) -> None:

@@ -167,6 +167,19 @@ async def test_abandoning_an_answer_closes_its_connection(server: tuple[RawServe
     pool.close()
 
 
+async def test_a_body_ended_by_closing_the_connection_is_complete(server: tuple[RawServer, str]) -> None:
+    rs, url = server
+
+    def close_delimited(head: bytes, body: bytes, w: asyncio.StreamWriter) -> None:
+        w.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nConnection: close\r\n\r\n{\"a\":1}")
+        w.close()
+
+    rs.respond = close_delimited
+    pool = ReplicaPool(url, 1.0, 30.0)
+    assert await call(pool) == (200, b'{"a":1}')
+    pool.close()
+
+
 async def test_refused_and_mid_answer_failures_are_typed(server: tuple[RawServer, str]) -> None:
     rs, url = server
     dead = ReplicaPool("http://127.0.0.1:1", 0.5, 30.0)
