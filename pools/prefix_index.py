@@ -13,7 +13,7 @@ from collections.abc import Sequence
 class PrefixIndex:
     """Which replicas probably hold which prompt-prefix blocks in their KV cache."""
 
-    __slots__ = ("_default_capacity", "_capacity", "_lru", "_owners")
+    __slots__ = ("_capacity", "_default_capacity", "_lru", "_owners")
 
     def __init__(self, default_capacity_blocks: int = 16384) -> None:
         self._default_capacity = default_capacity_blocks
