@@ -24,6 +24,7 @@ import json
 import math
 import sys
 import time
+import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -91,7 +92,11 @@ def load_workload(
 
 
 async def run_real(url: str, model: str, reqs: list[Req], block_tokens: int) -> dict[str, Any]:
-    """Send the workload open-loop to a real engine; per-request timings and counter deltas."""
+    """Send the workload open-loop to a real engine; per-request timings and counter deltas.
+
+    The prompts get a fresh salt, so nothing an earlier run left in vLLM's cache is reused.
+    """
+    salt = uuid.uuid4().hex[:12]
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
         before = await scrape_counters(session, url, (HITS, QUERIES))
         t0 = time.perf_counter() + 0.5
@@ -99,7 +104,7 @@ async def run_real(url: str, model: str, reqs: list[Req], block_tokens: int) -> 
         async def one(r: Req) -> Outcome:
             body = {
                 "model": model,
-                "prompt": prompt_token_ids(r.rid, r.prompt_tokens, r.hash_ids, block_tokens),
+                "prompt": prompt_token_ids(r.rid, r.prompt_tokens, r.hash_ids, block_tokens, salt),
                 "max_tokens": r.output_tokens,
                 "ignore_eos": True,
                 "temperature": 0.0,
@@ -119,6 +124,7 @@ async def run_real(url: str, model: str, reqs: list[Req], block_tokens: int) -> 
         "outcomes": [asdict(o) for o in outcomes],
         "prefix_hits": after[HITS] - before[HITS],
         "prefix_queries": after[QUERIES] - before[QUERIES],
+        "salt": salt,
     }
 
 

@@ -75,7 +75,7 @@ def fit(steps: dict[str, Any]) -> dict[str, float]:
     f_grid = np.geomspace(2e10, 8e11, 48)
     bw_grid = np.geomspace(2e9, 1.5e11, 48)
     s0_grid = np.linspace(0.0, 0.06, 25)
-    ps_grid = np.linspace(0.0, 0.006, 13)
+    ps_grid = np.linspace(0.0, 0.012, 25)
     c_grid = np.linspace(0.0, 0.2, 21)
     best: tuple[float, dict[str, float]] = (np.inf, {})
     for c in c_grid:

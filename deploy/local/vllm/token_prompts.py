@@ -17,21 +17,24 @@ def _token(key: bytes) -> int:
     return _LOW + xxhash.xxh3_64_intdigest(key) % _SPAN
 
 
-def block_token(hash_id: int, offset: int) -> int:
-    """The token at `offset` inside the block of `hash_id` (the same in every prompt)."""
-    return _token(b"b%d:%d" % (hash_id, offset))
+def block_token(hash_id: int, offset: int, salt: str = "") -> int:
+    """The token at `offset` inside the block of `hash_id` (the same in every prompt of one salt)."""
+    return _token(b"b%s:%d:%d" % (salt.encode(), hash_id, offset))
 
 
 def prompt_token_ids(
-    request_id: str, prompt_tokens: int, hash_ids: list[int], block_tokens: int
+    request_id: str, prompt_tokens: int, hash_ids: list[int], block_tokens: int, salt: str = ""
 ) -> list[int]:
-    """Token ids of a prompt of `prompt_tokens` tokens whose leading blocks are `hash_ids`."""
+    """Token ids of a prompt of `prompt_tokens` tokens whose leading blocks are `hash_ids`.
+
+    A new `salt` gives new blocks, so a second run finds nothing cached by the first.
+    """
     out: list[int] = []
-    nonce = request_id.encode()
+    nonce = (salt + request_id).encode()
     for p in range(prompt_tokens):
         b = p // block_tokens
         if b < len(hash_ids):
-            out.append(block_token(hash_ids[b], p % block_tokens))
+            out.append(block_token(hash_ids[b], p % block_tokens, salt))
         else:
             out.append(_token(b"u" + nonce + b":%d" % p))
     return out
