@@ -71,6 +71,20 @@ def predictive_desired_replicas(
     cfg: PredictiveConfig = PredictiveConfig(),
 ) -> dict[str, int]:
     """Replicas each pool needs for the load its in-flight (and expected new) workflows bring next."""
+    need = predictive_replica_demand(workflows, capacity, new_workflow_rate, mean_workflow, cfg)
+    return {p: min(cfg.max_replicas, max(cfg.min_replicas, math.ceil(n - 1e-9))) for p, n in need.items()}
+
+
+def predictive_replica_demand(
+    workflows: Iterable[WorkflowLoad],
+    capacity: Mapping[str, ReplicaCapacity],
+    new_workflow_rate: Mapping[str, float] | None = None,
+    mean_workflow: Mapping[str, WorkflowLoad] | None = None,
+    cfg: PredictiveConfig = PredictiveConfig(),
+) -> dict[str, float]:
+    """The same need, unrounded and without min/max. Its throughput and KV terms add up over disjoint
+    sets of workflows, so each gateway process reports its own traffic's share and the autoscaler sums
+    the shares (the max of the two terms per share makes the sum a slight overestimate, never under)."""
     out_rate: dict[str, float] = {p: 0.0 for p in capacity}
     pre_rate: dict[str, float] = {p: 0.0 for p in capacity}
     kv: dict[str, float] = {p: 0.0 for p in capacity}
@@ -92,7 +106,7 @@ def predictive_desired_replicas(
         pre_rate[pool] += rate * mean.remaining_prefill_tokens
         life = max(cfg.step_s, mean.remaining_steps * cfg.step_s)
         kv[pool] += rate * min(life, cfg.horizon_s) * mean.context_tokens * cfg.active_fraction
-    desired: dict[str, int] = {}
+    demand: dict[str, float] = {}
     for pool, cap in capacity.items():
         busy = 0.0
         if cap.output_tokens_per_s > 0:
@@ -102,8 +116,8 @@ def predictive_desired_replicas(
         need = busy / cfg.target_utilization
         if cap.kv_capacity_tokens > 0:
             need = max(need, kv[pool] / (cap.kv_capacity_tokens * cfg.target_utilization))
-        desired[pool] = min(cfg.max_replicas, max(cfg.min_replicas, math.ceil(need - 1e-9)))
-    return desired
+        demand[pool] = need
+    return demand
 
 
 @dataclass(slots=True, frozen=True)
