@@ -62,6 +62,20 @@ class Settings(BaseSettings):
     k8s_token_file: str = Field("", description="API bearer token file; empty = the service account's")
     k8s_ca_file: str = Field("", description="API CA bundle; empty = the service account's")
     k8s_watch_timeout_s: int = Field(240, gt=0, description="server-side EndpointSlice watch timeout")
+    # Pythia mechanisms wired live (gateway/admission.py, gateway/prewarm.py, gateway/autoscale.py)
+    admission: str = Field("auto", description="gateway admission queue: auto (when the policy sets priorities), on, off")
+    admission_timeout_s: float = Field(30.0, gt=0, description="longest wait in the admission queue, then 503")
+    admission_aging_s: float = Field(10.0, gt=0, description="seconds of queueing worth one priority level")
+    admission_max_queue: int = Field(10000, ge=1, description="queued calls per pool and worker at most (else 429)")
+    prewarm: bool = Field(True, description="send the policy's pre-warm prefills (max_tokens=1) in the background")
+    prewarm_concurrency: int = Field(4, ge=1, description="pre-warm requests in flight per worker at most")
+    prewarm_timeout_s: float = Field(10.0, gt=0, description="timeout of one pre-warm request")
+    autoscale_interval_s: float = Field(5.0, gt=0, description="period of recomputing pythia_pool_desired_replicas")
+    autoscale_horizon_s: float = Field(120.0, gt=0, description="how far ahead the predictive signal looks")
+    autoscale_step_s: float = Field(8.0, gt=0, description="typical seconds per workflow step (service + tool time)")
+    autoscale_target_utilization: float = Field(0.75, gt=0, le=1, description="replica utilisation to size pools for")
+    autoscale_output_tokens_per_s: float = Field(500.0, gt=0, description="decode tokens/s one replica sustains")
+    autoscale_prefill_tokens_per_s: float = Field(25000.0, gt=0, description="prefill tokens/s one replica sustains")
 
     @field_validator("log_level")
     @classmethod
@@ -69,6 +83,13 @@ class Settings(BaseSettings):
         v = v.upper()
         if v not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
             raise ValueError("log level must be DEBUG, INFO, WARNING, ERROR or CRITICAL")
+        return v
+
+    @field_validator("admission")
+    @classmethod
+    def _admission(cls, v: str) -> str:
+        if v not in ("auto", "on", "off"):
+            raise ValueError("admission must be 'auto', 'on' or 'off'")
         return v
 
     @field_validator("discovery")
