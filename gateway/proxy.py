@@ -414,7 +414,6 @@ class Gateway:
         pred = ctx.prediction
         header_lines = self._forward_header_lines(request)
         path = request.raw_path.encode()
-        reserve = features.prompt_tokens + (pred.output_tokens_bound or features.max_tokens or 0)
         span = self._start_span(ctx, decision) if self.tracer is not None else None
         attempt = 0
         status = 0
@@ -422,9 +421,13 @@ class Gateway:
         try:
             while True:
                 replica = self.replicas[decision.replica]
+                # the KV the router sized this call at (as the simulator books it), bound and expected
+                reserve = decision.kv_reserve_tokens or features.prompt_tokens + (pred.output_tokens_bound or features.max_tokens or 0)
+                expected = decision.kv_expected_tokens
                 replica.inflight += 1
                 replica.inflight_prompt_tokens += features.prompt_tokens
                 replica.reserved_kv_tokens += reserve
+                replica.reserved_kv_expected_tokens += expected
                 gauge = self.metrics.inflight_gauge(replica.pool, replica.url)
                 gauge.inc()
                 try:
@@ -441,6 +444,7 @@ class Gateway:
                     replica.inflight -= 1
                     replica.inflight_prompt_tokens -= features.prompt_tokens
                     replica.reserved_kv_tokens -= reserve
+                    replica.reserved_kv_expected_tokens -= expected
                     gauge.dec()
                     for listener in self.release_listeners:
                         listener(replica)
