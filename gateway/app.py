@@ -12,6 +12,7 @@ from gateway.errors import error_response
 from gateway.metrics import GatewayMetrics, render
 from gateway.prediction import PredictorLike, make_gateway_predictor
 from gateway.proxy import Gateway
+from gateway.pythia_live import install_pythia_mechanisms
 from gateway.settings import Settings, read_pool_entries
 from gateway.tracing import Tracing
 from pools.types import PoolConfig
@@ -115,6 +116,8 @@ def build_app(
 
     app.on_startup.append(on_startup)
     app.on_cleanup.append(on_cleanup)
+    # admission queue, pre-warm sender, autoscaling signal (GET /pythia/autoscale), per PYTHIA_* settings
+    install_pythia_mechanisms(app, gw)
     return app
 
 

@@ -1,0 +1,44 @@
+"""Wires the Pythia mechanisms that need I/O into a gateway app: admission queue, pre-warm sender,
+autoscaling signal (`GET /pythia/autoscale`, `pythia_pool_desired_replicas`). One call from build_app."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from gateway.admission import AdmissionController, admission_enabled
+from gateway.autoscale import AutoscaleSignal
+from gateway.prewarm import PrewarmSender
+from gateway.proxy import Gateway
+
+ADMISSION_KEY = web.AppKey("pythia_admission", AdmissionController)
+PREWARM_KEY = web.AppKey("pythia_prewarm", PrewarmSender)
+AUTOSCALE_KEY = web.AppKey("pythia_autoscale", AutoscaleSignal)
+
+
+def install_pythia_mechanisms(app: web.Application, gw: Gateway) -> None:
+    """Install the hooks on `gw` per its settings, add the endpoint, and tie background work to the app."""
+    s = gw.settings
+    admission = AdmissionController(gw) if admission_enabled(s.admission, gw.policy) else None
+    prewarm = PrewarmSender(gw) if s.prewarm and gw.policy.actions is not None else None
+    autoscale = AutoscaleSignal(gw)
+    if admission is not None:
+        admission.install()
+        app[ADMISSION_KEY] = admission
+    if prewarm is not None:
+        prewarm.install()
+        app[PREWARM_KEY] = prewarm
+    autoscale.install()
+    app[AUTOSCALE_KEY] = autoscale
+    app.router.add_get("/pythia/autoscale", autoscale.handle)
+    parts = [x for x in (admission, prewarm, autoscale) if x is not None]
+
+    async def start(app: web.Application) -> None:
+        for x in parts:
+            await x.start()
+
+    async def stop(app: web.Application) -> None:
+        for x in parts:
+            await x.stop()
+
+    app.on_startup.append(start)
+    app.on_cleanup.insert(0, stop)  # before the gateway closes its upstream pool: queued calls get an answer
