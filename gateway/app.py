@@ -8,6 +8,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from gateway.access import install_access
 from gateway.errors import error_response
 from gateway.metrics import GatewayMetrics, render
 from gateway.prediction import PredictorLike, make_gateway_predictor
@@ -118,6 +119,7 @@ def build_app(
     app.on_cleanup.append(on_cleanup)
     # admission queue, pre-warm sender, autoscaling signal (GET /pythia/autoscale), per PYTHIA_* settings
     install_pythia_mechanisms(app, gw)
+    install_access(app, gw)  # API keys, admin key, rate limits (all off unless configured)
     return app
 
 

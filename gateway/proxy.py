@@ -68,6 +68,7 @@ _USAGE_RE = re.compile(rb'"usage"\s*:\s*(\{(?:[^{}]|\{[^{}]*\})*\})')
 AdmissionHook = Callable[[RoutingContext, Decision], Awaitable[Decision]]
 PrewarmHook = Callable[[tuple[PrewarmAction, ...]], None]
 ReleaseListener = Callable[[ReplicaState], None]
+RateLimitHook = Callable[[web.Request, int], Awaitable[web.Response | None]]
 
 
 def find_usage(data: bytes) -> dict[str, Any] | None:
@@ -150,6 +151,10 @@ class Gateway:
         self.admission: AdmissionHook | None = None
         self.prewarm: PrewarmHook | None = None
         self.release_listeners: list[ReleaseListener] = []
+        # rate_limit: awaited with each completion's token estimate (gateway.access); a Response = refuse with it.
+        self.rate_limit: RateLimitHook | None = None
+        # log_payload: called with the answer's bytes (a stream's first 16 KiB) when PYTHIA_LOG_PAYLOADS is on.
+        self.log_payload: Callable[[web.Request, bytes], None] | None = None
         self._timeout = aiohttp.ClientTimeout(
             total=None, sock_connect=settings.connect_timeout_s, sock_read=settings.read_timeout_s
         )
@@ -283,6 +288,11 @@ class Gateway:
                 add_predictor_inputs(features, body, wants_linking(tags))
         except (TagError, InvalidRequest) as e:
             return self._reject(400, "invalid_tag" if isinstance(e, TagError) else "invalid_request", str(e), e.param)
+        if self.rate_limit is not None:
+            refused = await self.rate_limit(request, features.prompt_tokens + (features.max_tokens or 0))
+            if refused is not None:
+                self.metrics.request_done("", "", refused.status)
+                return refused
         try:
             prediction = self.predictor.predict(tags, features, t0)
         except Exception:  # the predictor degrades prediction, never a request
@@ -513,6 +523,8 @@ class Gateway:
                     out_fp = answer_fingerprint(data, bool(features.messages))
                 usage = find_usage(data) if status < 400 else None
                 self._observe(ctx, decision, replica, status < 400, usage, 0, ttft, out_fp)
+                if self.log_payload is not None:
+                    self.log_payload(request, data)
                 return web.Response(status=status, body=data, headers=headers), status, ttft
             try:
                 chunk = await resp.next_chunk()
@@ -521,13 +533,15 @@ class Gateway:
                 code, st = ("upstream_timeout", 504) if isinstance(e, ReadTimeout) else ("upstream_error", 502)
                 return error_response(st, code, f"upstream failed: {e}"), st, -1.0
             ttft = time.monotonic() - features.arrival_s
-            out = _SSEResponse(status=status, headers=headers)
+            # the fast server path (gateway.fastpath) writes streams to its own connection
+            make_stream = getattr(request, "stream_response", None)
+            out = make_stream(status, headers) if make_stream is not None else _SSEResponse(status=status, headers=headers)
             events = 0
             prev = last = b""
             ok = True
             eof_sent = False
             # the stream's first bytes, kept (by reference) for the output fingerprint of untagged calls
-            head: list[bytes] | None = [] if wants_linking(ctx.tags) else None
+            head: list[bytes] | None = [] if wants_linking(ctx.tags) or self.log_payload is not None else None
             head_len = 0
             try:
                 await out.prepare(request)
@@ -561,6 +575,8 @@ class Gateway:
                     await out.write_eof()
             out_fp = stream_fingerprint(b"".join(head), bool(features.messages)) if head and ok else ""
             self._observe(ctx, decision, replica, ok, find_usage(prev + last), max(0, events - 2), ttft, out_fp)
+            if self.log_payload is not None and head is not None:
+                self.log_payload(request, b"".join(head))
             return out, status, ttft
         finally:
             resp.close()

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from pools.types import PoolConfig
@@ -62,6 +62,18 @@ class Settings(BaseSettings):
     k8s_token_file: str = Field("", description="API bearer token file; empty = the service account's")
     k8s_ca_file: str = Field("", description="API CA bundle; empty = the service account's")
     k8s_watch_timeout_s: int = Field(240, gt=0, description="server-side EndpointSlice watch timeout")
+    api_keys: SecretStr = Field(
+        SecretStr(""), description="API keys clients must send as `Authorization: Bearer`; empty = no auth"
+    )
+    admin_api_key: SecretStr = Field(SecretStr(""), description="key for /pythia/* endpoints; empty = as /v1/*")
+    rate_limit_rpm: int = Field(0, ge=0, description="requests per minute per API key (token bucket); 0 = off")
+    rate_limit_tpm: int = Field(
+        0, ge=0, description="tokens (prompt + max_tokens) per minute per API key (token bucket); 0 = off"
+    )
+    rate_limit_redis_timeout_s: float = Field(
+        0.1, gt=0, description="longest wait on Redis for a rate-limit decision before deciding locally"
+    )
+    log_payloads: bool = Field(False, description="log prompts and completions (off: they are never logged)")
     # Pythia mechanisms wired live (gateway/admission.py, gateway/prewarm.py, gateway/autoscale.py)
     admission: str = Field("auto", description="gateway admission queue: auto (when the policy sets priorities), on, off")
     admission_timeout_s: float = Field(30.0, gt=0, description="longest wait in the admission queue, then 503")
