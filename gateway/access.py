@@ -43,7 +43,10 @@ def _digest(key: str | bytes) -> bytes:
 
 def key_id(key: str | bytes) -> str:
     """A short, non-reversible name for a key: for rate-limit buckets and logs."""
-    return "k_" + hashlib.sha256(b"pythia-key-id:" + (key.encode() if isinstance(key, str) else key)).hexdigest()[:16]
+    return (
+        "k_"
+        + hashlib.sha256(b"pythia-key-id:" + (key.encode() if isinstance(key, str) else key)).hexdigest()[:16]
+    )
 
 
 def parse_keys(text: str) -> list[str]:
@@ -66,7 +69,9 @@ def rate_limited(limit: str, wait_s: float) -> web.Response:
     per = "requests" if limit == "requests" else "tokens"
     return web.Response(
         status=429,
-        body=error_body(429, "rate_limit_exceeded", f"Rate limit reached for {per} per minute; retry after {wait_s:.1f}s"),
+        body=error_body(
+            429, "rate_limit_exceeded", f"Rate limit reached for {per} per minute; retry after {wait_s:.1f}s"
+        ),
         content_type="application/json",
         headers={"Retry-After": retry_after_header(wait_s)},
     )
@@ -111,7 +116,9 @@ class Access:
 
     def is_admin(self, authorization: str | None) -> bool:
         token = _bearer(authorization)
-        return self._admin is not None and token is not None and hmac.compare_digest(_digest(token), self._admin)
+        return (
+            self._admin is not None and token is not None and hmac.compare_digest(_digest(token), self._admin)
+        )
 
     @web.middleware
     async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -135,7 +142,9 @@ class Access:
         request[KEY_ID] = kid
         if self.log_payloads and request.method == "POST":
             try:
-                request[RAW_BODY] = await request.read()  # cached by aiohttp: the handler reads the same bytes
+                request[
+                    RAW_BODY
+                ] = await request.read()  # cached by aiohttp: the handler reads the same bytes
             except web.HTTPRequestEntityTooLarge:
                 return web.Response(
                     status=413,
@@ -165,7 +174,12 @@ class Access:
         prompt, completion = prompt_text(request.get(RAW_BODY, b"")), completion_text(answer)
         log.info(
             "payload",
-            extra={"key_id": request.get(KEY_ID, ANONYMOUS), "path": request.path, "prompt": prompt, "completion": completion},
+            extra={
+                "key_id": request.get(KEY_ID, ANONYMOUS),
+                "path": request.path,
+                "prompt": prompt,
+                "completion": completion,
+            },
         )
 
 

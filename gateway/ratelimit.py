@@ -163,7 +163,9 @@ class RateLimiter:
             return self.local.take(key, tokens)
         try:
             allowed, wait, which = await asyncio.wait_for(
-                self._script(keys=[f"{self.prefix}{key}:r", f"{self.prefix}{key}:t"], args=[self.rpm, self.tpm, tokens]),
+                self._script(
+                    keys=[f"{self.prefix}{key}:r", f"{self.prefix}{key}:t"], args=[self.rpm, self.tpm, tokens]
+                ),
                 self.timeout_s * 2,
             )
         except Exception as e:  # any Redis trouble: decide locally, never fail the call

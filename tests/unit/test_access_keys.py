@@ -19,7 +19,16 @@ def test_keys_are_recognised_only_as_bearer_tokens() -> None:
     assert parse_keys("a, b  c\n") == ["a", "b", "c"]
     assert a.identify("Bearer sk-two") == key_id("sk-two")
     assert a.identify("bearer   sk-three ") == key_id("sk-three")
-    for bad in (None, "", "Bearer", "Bearer sk-on", "Bearer sk-one2", "Basic sk-one", "sk-one", "Bearer SK-ONE"):
+    for bad in (
+        None,
+        "",
+        "Bearer",
+        "Bearer sk-on",
+        "Bearer sk-one2",
+        "Basic sk-one",
+        "sk-one",
+        "Bearer SK-ONE",
+    ):
         assert a.identify(bad) is None, bad
     assert a.needs_key and not a.has_admin_key
 
@@ -39,7 +48,7 @@ def test_key_id_does_not_reveal_the_key() -> None:
 
 
 def test_settings_repr_hides_keys() -> None:
-    s = Settings(api_keys="sk-hidden-1", admin_api_key="sk-hidden-2")  # type: ignore[arg-type]
+    s = Settings(api_keys="sk-hidden-1", admin_api_key="sk-hidden-2")  # type: ignore[call-arg,arg-type]
     assert "sk-hidden" not in repr(s) and "sk-hidden" not in str(s.model_dump())
 
 
@@ -90,8 +99,12 @@ def test_prompt_and_completion_text() -> None:
     assert prompt_text(b"\xff not json") == ""
     answer = {"choices": [{"index": 0, "message": {"role": "assistant", "content": "hello!"}}]}
     assert completion_text(orjson.dumps(answer)) == "hello!"
-    sse = b"".join(
-        b"data: " + orjson.dumps({"choices": [{"index": 0, "delta": {"content": w}}]}) + b"\n\n" for w in ("a", "b")
-    ) + b'data: {"choices":[{"index":0,"text":"c"}]}\n\ndata: [DONE]\n\n'
+    sse = (
+        b"".join(
+            b"data: " + orjson.dumps({"choices": [{"index": 0, "delta": {"content": w}}]}) + b"\n\n"
+            for w in ("a", "b")
+        )
+        + b'data: {"choices":[{"index":0,"text":"c"}]}\n\ndata: [DONE]\n\n'
+    )
     assert completion_text(sse) == "abc"
     assert completion_text(b"data: {broken\n\n") == ""
