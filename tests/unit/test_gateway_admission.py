@@ -1,0 +1,146 @@
+"""The gateway's admission queue on a Gateway object with hand-set replica states (no sockets)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from gateway.admission import AdmissionController, ConcurrencyBoundFilter, admission_enabled
+from gateway.prediction import ColdPredictor
+from gateway.proxy import Gateway
+from gateway.settings import Settings
+from pools.request_features import extract_features
+from pools.routing import Decision, RoutingContext, make_policy, route
+from pools.types import PoolConfig
+from predictor.types import Prediction, Tags
+
+URL = "http://127.0.0.1:1"
+
+
+def gateway(**settings: object) -> tuple[Gateway, AdmissionController]:
+    s = Settings(policy="pythia", **settings)  # type: ignore[arg-type]
+    gw = Gateway(s, [PoolConfig("short", 16384, ("m",), (URL,))], ColdPredictor())
+    adm = AdmissionController(gw)
+    adm.install()
+    r = gw.replicas[URL]
+    r.kv_capacity_tokens, r.max_num_seqs = 10_000, 256
+    return gw, adm
+
+
+def saturate(gw: Gateway) -> None:
+    r = gw.replicas[URL]
+    r.inflight, r.reserved_kv_tokens, r.reserved_kv_expected_tokens = 1, 9_900, 9_900
+
+
+def room_for_one(gw: Gateway) -> None:
+    r = gw.replicas[URL]
+    r.inflight, r.reserved_kv_tokens, r.reserved_kv_expected_tokens = 1, 9_600, 9_600
+
+
+def free(gw: Gateway) -> None:
+    r = gw.replicas[URL]
+    r.inflight, r.reserved_kv_tokens, r.reserved_kv_expected_tokens = 0, 0, 0
+
+
+def ctx(gw: Gateway, name: str, remaining: float) -> RoutingContext:
+    f = extract_features({"model": "m", "prompt": name * 400, "max_tokens": 200}, False, 0.0)
+    p = Prediction(cold=False, workflow=name, remaining_steps=remaining, output_tokens_bound=200,
+                   output_tokens_expected=100)
+    return RoutingContext(f, Tags(workflow=name), p, 0.0, gw.routing_state)
+
+
+async def queued(gw: Gateway, adm: AdmissionController, c: RoutingContext) -> asyncio.Task[Decision]:
+    d = route(c, gw.view, gw.policy)
+    assert d.queue, d
+    task = asyncio.create_task(adm.admit(c, d))
+    await asyncio.sleep(0)
+    return task
+
+
+async def test_saturated_calls_wait_and_leave_in_lookahead_priority_order() -> None:
+    gw, adm = gateway()
+    saturate(gw)
+    tasks = {name: await queued(gw, adm, ctx(gw, name, rem)) for name, rem in (("a", 9), ("b", 0), ("c", 4))}
+    assert adm.depth() == {"short": 3}
+    order = []
+    for _ in range(3):
+        room_for_one(gw)
+        adm.on_release(gw.replicas[URL])  # a call left the replica: the head is placed
+        await asyncio.sleep(0.01)
+        done = [n for n, t in tasks.items() if t.done() and n not in order]
+        assert len(done) == 1  # the placed call holds its room, so the next one still waits
+        order += done
+        d = tasks[done[0]].result()
+        assert d.error is None and d.replica == URL
+        saturate(gw)  # the admitted call now runs there (the proxy's own counts)
+    assert order == ["b", "c", "a"]  # fewest remaining steps first
+    assert adm.depth() == {"short": 0}
+
+
+async def test_a_placed_call_holds_its_room_until_it_resumes() -> None:
+    gw, adm = gateway()
+    saturate(gw)
+    task = await queued(gw, adm, ctx(gw, "x", 1))
+    free(gw)
+    assert adm.drain("short") == 1
+    r = gw.replicas[URL]
+    assert r.inflight == 1 and r.reserved_kv_tokens > 0  # provisional, so a newcomer cannot take it too
+    d = await task
+    assert d.replica == URL and r.inflight == 0 and r.reserved_kv_tokens == 0  # handed to the proxy
+
+
+async def test_a_call_that_waits_too_long_gets_503_with_retry_after() -> None:
+    gw, adm = gateway(admission_timeout_s=0.05)
+    saturate(gw)
+    task = await queued(gw, adm, ctx(gw, "slow", 3))
+    d = await task
+    assert d.error is not None and d.error.status == 503 and d.error.code == "queue_timeout"
+    assert d.error.retry_after_s and d.error.retry_after_s > 0
+    assert adm.depth() == {"short": 0}
+
+
+async def test_a_client_that_goes_away_leaves_the_queue() -> None:
+    gw, adm = gateway()
+    saturate(gw)
+    task = await queued(gw, adm, ctx(gw, "gone", 3))
+    other = await queued(gw, adm, ctx(gw, "stays", 5))
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert adm.depth() == {"short": 1}
+    free(gw)
+    adm.on_release(gw.replicas[URL])
+    assert (await other).replica == URL
+
+
+async def test_a_full_queue_answers_429() -> None:
+    gw, adm = gateway(admission_max_queue=1)
+    saturate(gw)
+    await queued(gw, adm, ctx(gw, "first", 1))
+    c = ctx(gw, "second", 1)
+    d = await adm.admit(c, route(c, gw.view, gw.policy))
+    assert d.error is not None and d.error.status == 429
+    await adm.stop()
+
+
+def test_concurrency_bound_from_kv_capacity_holds_calls_beyond_it() -> None:
+    gw, adm = gateway()
+    r = gw.replicas[URL]
+    r.kv_capacity_tokens = 1_000_000  # KV is no limit: the bound comes from the typical call size
+    f = ConcurrencyBoundFilter(adm.typical)
+    adm.typical.by_pool["short"] = 100_000.0  # 10 typical calls fit
+    c = ctx(gw, "q", 2)
+    r.inflight = 9
+    assert f.filter(c, [r]) == [r]
+    r.inflight = 10
+    assert f.filter(c, [r]) == []
+    r.inflight = 0
+    assert f.filter(c, [r]) == [r]  # idle: always
+
+
+def test_auto_mode_queues_only_for_policies_with_priorities() -> None:
+    assert admission_enabled("auto", make_policy("pythia"))
+    assert not admission_enabled("auto", make_policy("round_robin"))
+    assert admission_enabled("on", make_policy("round_robin"))
+    assert not admission_enabled("off", make_policy("pythia"))
