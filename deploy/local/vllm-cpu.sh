@@ -19,7 +19,7 @@
 # logs), PYTHIA_VLLM_MODEL_NAME (served name, default smollm2-135m), PYTHIA_VLLM_MAX_MODEL_LEN (2048),
 # PYTHIA_VLLM_KV_GB (KV cache per replica, GiB, default 1), PYTHIA_VLLM_MAX_NUM_SEQS (32),
 # PYTHIA_VLLM_MAX_BATCHED_TOKENS (token budget of one step, 2048; the simulator preset assumes it),
-# PYTHIA_VLLM_READY_TIMEOUT (seconds to wait for /health, default 420), PYTHIA_VLLM_OMP_BIND
+# PYTHIA_VLLM_READY_TIMEOUT (seconds to wait for /health, default 600), PYTHIA_VLLM_OMP_BIND
 # (VLLM_CPU_OMP_THREADS_BIND for every replica; default: one core per replica when there are at
 # least as many replicas as cores, else all cores). Logging: deploy/local/vllm/logging.json (INFO, plus
 # vLLM's debug line "The following fields were present in the request but ignored", so the tests can
@@ -35,7 +35,7 @@ MAX_MODEL_LEN="${PYTHIA_VLLM_MAX_MODEL_LEN:-2048}"
 KV_GB="${PYTHIA_VLLM_KV_GB:-1}"
 MAX_NUM_SEQS="${PYTHIA_VLLM_MAX_NUM_SEQS:-32}"
 MAX_BATCHED_TOKENS="${PYTHIA_VLLM_MAX_BATCHED_TOKENS:-2048}"
-READY_TIMEOUT="${PYTHIA_VLLM_READY_TIMEOUT:-420}"
+READY_TIMEOUT="${PYTHIA_VLLM_READY_TIMEOUT:-600}"
 MAX_REPLICAS=2  # 2 cores and 24 GiB shared: more replicas only thrash
 
 VLLM_PIN="0.32.0"
