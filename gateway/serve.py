@@ -46,17 +46,39 @@ async def serve_worker(settings: Settings, pools: list[PoolConfig], worker_index
         shutdown_timeout=settings.shutdown_grace_s,
     )
     await runner.setup()
-    site = web.TCPSite(runner, settings.host, settings.port, reuse_port=True, backlog=4096)
-    await site.start()
+    fast = None
+    if fast_path_enabled():
+        from gateway.fastpath import start_fast_server
+
+        # hot endpoints on the lean protocol (gateway.fastpath); other requests continue on aiohttp's
+        assert runner.server is not None  # set by setup()
+        fast, server = await start_fast_server(
+            app, runner.server, settings.host, settings.port, settings.body_limit_bytes, backlog=4096
+        )
+        addrs = [f"{s.getsockname()[0]}:{s.getsockname()[1]}" for s in server.sockets]
+    else:
+        site = web.TCPSite(runner, settings.host, settings.port, reuse_port=True, backlog=4096)
+        await site.start()
+        addrs = [f"{a[0]}:{a[1]}" for a in runner.addresses]
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    addrs = [f"{a[0]}:{a[1]}" for a in runner.addresses]
     log.info("listening", extra={"addresses": addrs, "policy": settings.policy, "pools": [p.name for p in pools]})
     await stop.wait()
     log.info("shutting down", extra={"grace_s": settings.shutdown_grace_s})
+    if fast is not None:
+        t0 = time.monotonic()
+        server.close()  # stop accepting at once
+        await fast.shutdown(settings.shutdown_grace_s)  # in-flight hot calls finish within the grace period
+        # what is left of the grace period goes to connections aiohttp serves (runner reads it at cleanup)
+        runner._shutdown_timeout = max(0.1, settings.shutdown_grace_s - (time.monotonic() - t0))
     await runner.cleanup()  # stop accepting, wait for in-flight handlers up to the grace period
+
+
+def fast_path_enabled() -> bool:
+    """PYTHIA_FAST_PATH=0 serves every request through aiohttp (for comparisons and as an escape hatch)."""
+    return os.environ.get("PYTHIA_FAST_PATH", "1").strip().lower() not in ("0", "false", "no", "off")
 
 
 def _run_worker(settings: Settings, pools: list[PoolConfig], worker_index: int) -> None:
