@@ -5,6 +5,7 @@ Baselines live here beside Pythia's own policy so every comparison runs the same
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from functools import partial
 
@@ -73,7 +74,7 @@ def pythia(
     max_overflow_probability: float = 0.05,
     kv_budget: float = 1.0,
     max_inflight: int = 0,
-    spill_margin: float = 0.02,
+    spill_margin: float = math.inf,
     short_penalty: float = 0.05,
     headroom_weight: float = 1.0,
     prefix_weight: float = 8.0,

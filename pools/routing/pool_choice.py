@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from pools.routing.base import RouteError, RoutingContext
 from pools.types import ClusterView, PoolState
 
@@ -41,7 +43,7 @@ def workflow_id(ctx: RoutingContext) -> str:
 
 
 def predicted_peak_pool(
-    ctx: RoutingContext, view: ClusterView, spill_margin: float = 0.02, short_penalty: float = 0.05
+    ctx: RoutingContext, view: ClusterView, spill_margin: float = math.inf, short_penalty: float = 0.05
 ) -> PoolState | RouteError:
     """Pythia mechanism 1: one pool for the workflow's whole life, sized by its *predicted peak* context.
 
@@ -51,10 +53,13 @@ def predicted_peak_pool(
     does not start in a short pool only to migrate (and prefill its whole context again) later.
     Pools are weighed by load (`pool_pressure`): a pool too small for the predicted peak costs
     `short_penalty` (the migration it will likely need), each class above the smallest that fits costs
-    `spill_margin`; the lowest total wins. So a predicted-long workflow still starts in the short pool
-    while the long pool is much busier (a mispredicted peak must not pile work on the few long
-    replicas), and short workflows spill up to an idle long pool. Later calls go to the pinned pool
-    while it can hold them; a call that outgrows it moves the workflow (the prediction was wrong).
+    `spill_margin` (default: infinite, no spill); the lowest total wins. So a predicted-long workflow
+    still starts in the short pool while the long pool is much busier (a mispredicted peak must not
+    pile work on the few long replicas). With a finite `spill_margin`, short workflows also spill up
+    to a less loaded long pool: off by default because in the mixed sweeps at 60% load it slowed the
+    long pool's own prefill-heavy work (+25% mean JCT) while KV-based pressure still looked low.
+    Later calls go to the pinned pool while it can hold them; a call that outgrows it moves the
+    workflow (the prediction was wrong).
     Cold predictions size by the current call.
     """
     pools = serving_pools(ctx, view)
@@ -82,7 +87,8 @@ def predicted_peak_pool(
             if p.max_context_tokens < peak:
                 score += short_penalty
             else:
-                score += spill_margin * rank
+                if rank:
+                    score += spill_margin * rank
                 rank += 1
             if score < best - 1e-12:
                 best, chosen = score, p

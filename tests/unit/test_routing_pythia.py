@@ -26,8 +26,8 @@ def test_workflow_is_placed_by_predicted_peak_and_stays_there() -> None:
                  make_policy("pythia-no-pool")).pool == "short"
 
 
-def test_new_workflows_spill_to_a_larger_idle_class_and_stay_there() -> None:
-    v, st, p = cluster(), RoutingState(), make_policy("pythia")
+def test_new_workflows_spill_to_a_larger_idle_class_when_enabled_and_stay_there() -> None:
+    v, st, p = cluster(), RoutingState(), pythia(spill_margin=0.02)
     for r in v.pools[0].replicas:  # the short pool is busy, the long pool idle
         r.inflight, r.reserved_kv_tokens, r.reserved_kv_expected_tokens = 30, 60_000, 50_000
     d = route(call(st, "small", prediction=warm("wf-a", peak_context_tokens=3000)), v, p)
@@ -40,9 +40,18 @@ def test_new_workflows_spill_to_a_larger_idle_class_and_stay_there() -> None:
     for r in v.pools[0].replicas:
         r.inflight, r.reserved_kv_tokens = 30, 60_000
     assert route(call(RoutingState(), "small"), v, make_policy("llmd")).pool == "short"
-    # with the pool mechanism ablated Pythia does too
-    assert route(call(RoutingState(), "small", prediction=warm("wf-b", peak_context_tokens=3000)), v,
-                 make_policy("pythia-no-pool")).pool == "short"
+    # so do Pythia by default (no spill) and with the pool mechanism ablated
+    for name in ("pythia", "pythia-no-pool"):
+        assert route(call(RoutingState(), "small", prediction=warm("wf-b", peak_context_tokens=3000)), v,
+                     make_policy(name)).pool == "short"
+
+
+def test_predicted_long_workflow_starts_short_while_the_long_pool_is_much_busier() -> None:
+    v, st, p = cluster(), RoutingState(), make_policy("pythia")
+    for r in v.pools[1].replicas:  # the long pool is busy with long documents
+        r.inflight, r.reserved_kv_tokens, r.reserved_kv_expected_tokens = 5, 90_000, 80_000
+    d = route(call(st, "start", prediction=warm("wf-c", peak_context_tokens=30_000)), v, p)
+    assert d.pool == "short"
 
 
 def test_workflow_migrates_only_when_it_outgrows_its_pool() -> None:
