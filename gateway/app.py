@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 from typing import Any
 
@@ -10,7 +11,7 @@ from aiohttp import web
 
 from gateway.access import install_access
 from gateway.errors import error_response
-from gateway.metrics import GatewayMetrics, render
+from gateway.metrics import METRICS_SETTLE_S, GatewayMetrics, multiprocess_enabled, render
 from gateway.prediction import PredictorLike, make_gateway_predictor
 from gateway.proxy import Gateway
 from gateway.pythia_live import install_pythia_mechanisms
@@ -56,6 +57,10 @@ def build_app(
         return error_response(503, "no_healthy_replica", "no healthy replica", retry_after_s=1.0)
 
     async def metrics_endpoint(request: web.Request) -> web.Response:
+        gw.metrics.flush()
+        if multiprocess_enabled():
+            # other workers publish their counts at the end of their current loop iteration: let them land
+            await asyncio.sleep(METRICS_SETTLE_S)
         body, ctype = render(gw.metrics.registry)
         return web.Response(body=body, headers={"Content-Type": ctype})
 
