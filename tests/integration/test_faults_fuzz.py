@@ -42,7 +42,7 @@ request_body = st.dictionaries(st.sampled_from(FIELDS), json_value, min_size=1, 
 )
 message = st.fixed_dictionaries({}, optional={"role": json_value, "content": json_value, "name": json_value})
 header_text = st.text(
-    st.characters(blacklist_characters="\r\n\x00", blacklist_categories=("Cs",)), max_size=300
+    st.characters(exclude_characters="\r\n\x00", exclude_categories=["Cs"]), max_size=300
 )
 
 
