@@ -27,7 +27,7 @@ tag_headers = st.dictionaries(
     st.sampled_from(("X-Pythia-App", "X-Pythia-Workflow", "X-Pythia-Agent", "X-Pythia-Session")),
     st.text(max_size=200),
 )
-FUZZ = settings(max_examples=100, deadline=None, derandomize=True)
+FUZZ = settings(max_examples=60, deadline=None, derandomize=True)
 
 
 def parse(headers: dict[str, str], b: dict[str, Any], chat: bool) -> None:
