@@ -41,6 +41,7 @@ log = logging.getLogger("pythia.fastpath")
 
 HOT_PATHS = (b"/v1/chat/completions", b"/v1/completions")
 MAX_HEAD_BYTES = 65536  # request line + headers; more is 431
+LINGER_S = 2.0  # after a 413: how long to drop the rest of the refused body before closing
 READ_PAUSE_BYTES = 1 << 20  # unprocessed (pipelined) bytes at which we stop reading the socket
 _REASONS = {s.value: s.phrase.encode() for s in HTTPStatus}
 _SKIP_RESPONSE_HEADERS = frozenset(("content-length", "transfer-encoding", "connection", "date", "server"))
@@ -302,7 +303,7 @@ class FastProtocol(asyncio.Protocol):
     """One client connection: frames requests, runs the hot handler, writes answers; hands others to aiohttp."""
 
     __slots__ = (
-        "_buf", "_chunked", "_drain", "_hdrs", "_method_ok", "_need", "_parser", "_parts", "_pending",
+        "_buf", "_chunked", "_discard", "_drain", "_hdrs", "_method_ok", "_need", "_parser", "_parts", "_pending",
         "_read_paused", "_url", "keep_alive", "lost", "peer", "server", "stream_finished", "task", "transport",
         "write_paused",
     )  # fmt: skip
@@ -327,6 +328,7 @@ class FastProtocol(asyncio.Protocol):
         self.lost = False
         self.write_paused = False
         self.stream_finished = False
+        self._discard = False  # after refusing an oversized body: drop the rest of it
 
     # -- asyncio.Protocol ------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -366,6 +368,8 @@ class FastProtocol(asyncio.Protocol):
             await self._drain
 
     def data_received(self, data: bytes) -> None:
+        if self._discard:
+            return
         self._buf = self._buf + data if self._buf else data
         if self.task is None:
             self._process()
@@ -569,7 +573,14 @@ class FastProtocol(asyncio.Protocol):
         if self.lost:
             return
         if not self.keep_alive or self.server.closing:
-            self.close()
+            if req._too_large and not self.lost and self.transport is not None and self.transport.can_write_eof():
+                # the client may still be sending the body we refused: end our side, drop what comes, close soon,
+                # so that it reads the 413 instead of a reset
+                self._discard = True
+                self.transport.write_eof()
+                asyncio.get_running_loop().call_later(LINGER_S, self.close)
+            else:
+                self.close()
             self.server.conn_idle()
             return
         self.server.conn_idle()

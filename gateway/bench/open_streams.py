@@ -41,7 +41,9 @@ def _group_rss_mb(pgid: int) -> float:
     return total_kb / 1024
 
 
-async def _hold_streams(url: str, n: int, hold_s: float, on_all_open: asyncio.Future[None]) -> tuple[int, int]:
+async def _hold_streams(
+    url: str, n: int, hold_s: float, on_all_open: asyncio.Future[None], open_s: float = 45.0
+) -> tuple[int, int]:
     host, port = url.removeprefix("http://").split(":")
     body = orjson.dumps(
         {"model": MODEL, "messages": [{"role": "user", "content": "hold"}], "stream": True, "mock_hold_s": hold_s}
@@ -86,10 +88,16 @@ async def _hold_streams(url: str, n: int, hold_s: float, on_all_open: asyncio.Fu
         if len(tasks) % 500 == 0:
             await asyncio.sleep(0.05)  # don't overflow the accept backlog
     try:
-        await asyncio.wait_for(all_open.wait(), timeout=hold_s)
+        await asyncio.wait_for(all_open.wait(), timeout=open_s)
         on_all_open.set_result(None)
     except TimeoutError:
-        on_all_open.set_exception(RuntimeError(f"only {opened} of {n} streams opened"))
+        on_all_open.set_exception(RuntimeError(f"only {opened} of {n} streams opened within {open_s:.0f} s"))
+        for t in tasks:  # no point holding a partial set: close every client connection now
+            t.cancel()
+    # every stream ends hold_s after it opened; a stuck one must not hang the run (or leave servers behind)
+    _, pending = await asyncio.wait(tasks, timeout=hold_s + 30.0)
+    for t in pending:
+        t.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
     return opened, done_ok
 

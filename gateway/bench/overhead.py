@@ -40,6 +40,22 @@ TARGETS = [
 ]
 
 
+def group_cpu_s(pgids: list[int]) -> float:
+    """User + system CPU seconds of every live process in these process groups (all their threads)."""
+    want = set(pgids)
+    ticks = 0
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            f = (d / "stat").read_text().rsplit(")", 1)[1].split()
+            if int(f[2]) in want:
+                ticks += int(f[11]) + int(f[12])
+        except (OSError, ValueError, IndexError):
+            continue
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -65,6 +81,16 @@ def wait_http(url: str, timeout_s: float = 60.0) -> None:
     raise RuntimeError(f"{url} did not come up: {last}")
 
 
+_LIVE: list[Procs] = []  # every Procs with processes, stopped by _stop_all on SIGTERM/SIGINT
+
+
+def _stop_all(signum: int, frame: object) -> None:
+    """Stop everything this run started, then exit (a killed harness must not leave servers behind)."""
+    for procs in list(_LIVE):
+        procs.stop()
+    raise SystemExit(128 + signum)
+
+
 @dataclass(slots=True)
 class Procs:
     """Processes started for one target; all are killed (process group) on exit."""
@@ -75,7 +101,13 @@ class Procs:
         out = open(log, "ab") if log else subprocess.DEVNULL  # noqa: SIM115 - closed with the process
         p = subprocess.Popen(cmd, env={**os.environ, **(env or {})}, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         self.items.append(p)
+        if self not in _LIVE:
+            _LIVE.append(self)
         return p
+
+    @property
+    def pgids(self) -> list[int]:
+        return [p.pid for p in self.items]  # each started in its own session: pgid == pid
 
     def stop(self) -> None:
         for p in self.items:
@@ -90,6 +122,8 @@ class Procs:
                     os.killpg(p.pid, signal.SIGKILL)
                 p.wait()
         self.items.clear()
+        if self in _LIVE:
+            _LIVE.remove(self)
 
 
 def ensure_tools() -> None:
@@ -133,15 +167,15 @@ http {{
 
 
 @contextlib.contextmanager
-def target(name: str, upstreams: list[str], tmp: Path) -> Iterator[str]:
-    """Start one target in front of `upstreams`; yield its base URL."""
+def target(name: str, upstreams: list[str], tmp: Path) -> Iterator[tuple[str, list[int]]]:
+    """Start one target in front of `upstreams`; yield its base URL and process groups (for CPU accounting)."""
     procs = Procs()
     try:
         port = free_port()
         base = f"http://127.0.0.1:{port}"
         kind, _, policy = name.partition(":")
         if kind == "direct":
-            yield upstreams[0]
+            yield upstreams[0], []
             return
         if kind == "nginx":
             d = tmp / "nginx"
@@ -178,7 +212,7 @@ def target(name: str, upstreams: list[str], tmp: Path) -> Iterator[str]:
             wait_http(base + "/ready")
         else:
             raise ValueError(name)
-        yield base
+        yield base, procs.pgids
     finally:
         procs.stop()
 
@@ -193,8 +227,9 @@ def _ms(text: str) -> float:
     return float(m.group(1)) * _UNITS[m.group(2)]
 
 
-def run_wrk(url: str, script: Path, connections: int, seconds: int) -> dict[str, float]:
-    """One wrk run; returns rps, p50_ms, p99_ms and the error count."""
+def run_wrk(url: str, script: Path, connections: int, seconds: int, pgids: list[int] | None = None) -> dict[str, float]:
+    """One wrk run; returns rps, p50_ms, p99_ms, the error count and the target's CPU microseconds per request."""
+    cpu0 = group_cpu_s(pgids) if pgids else 0.0
     out = subprocess.run(
         ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency", "--timeout", "10s", "-s", str(script),
          url + "/v1/chat/completions"],
@@ -206,10 +241,98 @@ def run_wrk(url: str, script: Path, connections: int, seconds: int) -> dict[str,
     errs = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     sock = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
     n_err = (int(errs.group(1)) if errs else 0) + (sum(int(x) for x in sock.groups()) if sock else 0)
-    return {"rps": round(rps, 1), "p50_ms": round(p50, 3), "p99_ms": round(p99, 3), "errors": n_err}
+    res = {"rps": round(rps, 1), "p50_ms": round(p50, 3), "p99_ms": round(p99, 3), "errors": n_err}
+    n = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
+    if pgids and n:
+        # CPU per request is what a crowded machine distorts least: rps follows the share of cores a target gets
+        res["cpu_us_per_req"] = round((group_cpu_s(pgids) - cpu0) / n * 1e6, 1)
+    return res
 
 
-def measure(targets: list[str], seconds: int, warmup: int, tmp: Path) -> dict[str, dict[str, object]]:
+_WRITE_LINES = ("_Conn.send (", "_write_response (", "FastStreamResponse._send (", "_writelines (")
+
+
+def _category(frames: list[str]) -> str:
+    """Where one py-spy sample's time went (frames root first)."""
+    leaf = frames[-1]
+    joined = ";".join(frames)
+    if any(w in leaf for w in _WRITE_LINES):
+        return "socket writes (send syscalls)"
+    for marker, name in (
+        ("predictor/", "predictor (predict + observe)"),
+        ("pools/", "routing, features, prefix hashes (pools/)"),
+        ("prometheus_client/", "metrics"),
+        ("gateway/metrics.py", "metrics"),
+        ("gateway/autoscale.py", "pythia mechanisms (autoscale, admission, pre-warm)"),
+        ("gateway/admission.py", "pythia mechanisms (autoscale, admission, pre-warm)"),
+        ("gateway/prewarm.py", "pythia mechanisms (autoscale, admission, pre-warm)"),
+    ):
+        if marker in joined:
+            return name
+    if "aiohttp/" in leaf:
+        return "aiohttp"
+    if "gateway/fastpath.py" in leaf:
+        return "server framing (gateway/fastpath.py)"
+    if "gateway/upstream.py" in leaf:
+        return "upstream client (gateway/upstream.py)"
+    if "gateway/" in leaf:
+        return "proxy logic (gateway/*.py)"
+    if leaf.startswith("Runner.run") or "uvloop" in leaf:
+        return "event loop in C (uvloop: epoll, socket reads, callbacks)"
+    return "other Python"
+
+
+def profile_worker(url: str, script: Path, pgids: list[int], seconds: int, tmp: Path) -> dict[str, object]:
+    """py-spy one gateway worker under the non-stream load: share of samples by category and top frames."""
+    spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    if not Path(spy).exists():
+        return {"error": "py-spy not installed (pip install py-spy)"}
+    workers = [int(d.name) for d in Path("/proc").iterdir() if d.name.isdigit() and _ppid(int(d.name)) in pgids]
+    if not workers:
+        return {"error": "no worker process found"}
+    raw = tmp / "profile.txt"
+    spy_proc = subprocess.Popen(
+        [spy, "record", "-p", str(workers[0]), "-d", str(seconds), "-r", "200", "-f", "raw", "-o", str(raw), "--nonblocking"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    run_wrk(url, script, 64, seconds + 1)
+    try:
+        spy_proc.wait(30)
+    except subprocess.TimeoutExpired:
+        spy_proc.kill()
+        return {"error": "py-spy did not finish"}
+    cats: dict[str, int] = {}
+    leaves: dict[str, int] = {}
+    total = 0
+    for line in raw.read_text().splitlines() if raw.exists() else []:
+        stack, _, n_text = line.rpartition(" ")
+        if not stack or not n_text.isdigit():
+            continue
+        n = int(n_text)
+        frames = stack.split(";")
+        total += n
+        c = _category(frames)
+        cats[c] = cats.get(c, 0) + n
+        leaves[frames[-1]] = leaves.get(frames[-1], 0) + n
+    if not total:
+        return {"error": "no samples"}
+    pct = lambda n: round(100.0 * n / total, 1)  # noqa: E731
+    return {
+        "target": "pythia:pythia, one worker, non-stream, 64 connections",
+        "samples": total,
+        "by_category_pct": {k: pct(v) for k, v in sorted(cats.items(), key=lambda kv: -kv[1])},
+        "top_self_pct": {k: pct(v) for k, v in sorted(leaves.items(), key=lambda kv: -kv[1])[:15]},
+    }
+
+
+def _ppid(pid: int) -> int:
+    try:
+        return int((Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return -1
+
+
+def measure(targets: list[str], seconds: int, warmup: int, tmp: Path, profile: bool = False) -> dict[str, dict[str, object]]:
     """The side-by-side table: non-stream, stream and one-connection latency per target."""
     ns, st = tmp / "nonstream.lua", tmp / "stream.lua"
     ns.write_text(lua_script(chat_body(False)))
@@ -231,12 +354,14 @@ def measure(targets: list[str], seconds: int, warmup: int, tmp: Path) -> dict[st
             upstreams = ups_noinfo if name.startswith("sglang") else ups
             print(f"== {name}", flush=True)
             try:
-                with target(name, upstreams, tmp) as url:
+                with target(name, upstreams, tmp) as (url, pgids):
                     run_wrk(url, ns, 64, warmup)
-                    result["non_stream"][name] = run_wrk(url, ns, 64, seconds)
+                    result["non_stream"][name] = run_wrk(url, ns, 64, seconds, pgids)
                     run_wrk(url, st, 64, warmup)
-                    result["stream"][name] = run_wrk(url, st, 64, seconds)
+                    result["stream"][name] = run_wrk(url, st, 64, seconds, pgids)
                     result["c1_p50_ms"][name] = run_wrk(url, ns, 1, max(3, seconds // 3))["p50_ms"]
+                    if profile and name == "pythia:pythia":
+                        result["profile"] = profile_worker(url, ns, pgids, min(seconds, 10), tmp)
             except Exception as e:  # one broken target must not sink the table
                 print(f"   {name} failed: {e}", flush=True)
                 result["non_stream"][name] = result["stream"][name] = {"error": str(e)}
@@ -258,10 +383,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--targets", default=",".join(TARGETS))
     p.add_argument("--streams", type=int, default=10000, help="open SSE streams for the memory run (0 = skip)")
+    p.add_argument("--no-profile", action="store_true", help="skip the py-spy profile of a pythia worker")
     a = p.parse_args(argv)
+    signal.signal(signal.SIGTERM, _stop_all)
+    signal.signal(signal.SIGINT, _stop_all)
     ensure_tools()
+    load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="pythia-bench-") as d:
-        result = measure(a.targets.split(","), a.seconds, a.warmup, Path(d))
+        result = measure(a.targets.split(","), a.seconds, a.warmup, Path(d), profile=not a.no_profile)
+        load_after = os.getloadavg()
         if a.streams:
             from gateway.bench.open_streams import measure_open_streams
 
@@ -272,6 +402,9 @@ def main(argv: list[str] | None = None) -> int:
         "connections": 64,
         "body_bytes": len(chat_body(False)),
         "machine": f"{os.cpu_count()} cores",
+        "load_avg_1_5_15_before": [round(x, 2) for x in load_before],
+        "load_avg_1_5_15_after": [round(x, 2) for x in load_after],
+        "pythia_workers": 2,
         "date": time.strftime("%Y-%m-%d"),
     }
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
