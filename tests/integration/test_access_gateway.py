@@ -169,3 +169,23 @@ async def test_keys_never_logged_and_payloads_only_when_enabled(cluster: Cluster
 
 if sys.platform != "linux":  # pragma: no cover
     pytestmark = pytest.mark.skip("loopback process tests run on Linux")
+
+
+async def test_redis_token_buckets_are_one_bucket_for_all_limiters(cluster: Cluster) -> None:
+    from gateway.ratelimit import RateLimiter
+
+    a = RateLimiter(0, 1000, redis_url=cluster.redis.url, key_prefix="t:", timeout_s=1.0)
+    b = RateLimiter(0, 1000, redis_url=cluster.redis.url, key_prefix="t:", timeout_s=1.0)
+    try:
+        first = await a.take("k", 600)
+        assert first.allowed and first.shared
+        denied = await b.take("k", 600)  # the other limiter sees what the first one took
+        assert not denied.allowed and denied.shared and denied.limit == "tokens"
+        assert 10.0 < denied.retry_after_s <= 12.5  # 200 tokens short at 1000 a minute
+        assert (await b.take("k", 300)).allowed and not (await a.take("k", 300)).allowed
+        assert (
+            await a.take("k2", 5000)
+        ).allowed  # one call above the minute's budget passes on a full bucket
+    finally:
+        await a.close()
+        await b.close()
