@@ -141,10 +141,8 @@ class Access:
             kid = ANONYMOUS
         request[KEY_ID] = kid
         if self.log_payloads and request.method == "POST":
-            try:
-                request[
-                    RAW_BODY
-                ] = await request.read()  # cached by aiohttp: the handler reads the same bytes
+            try:  # the body is cached: the handler reads the same bytes again without I/O
+                request[RAW_BODY] = await request.read()
             except web.HTTPRequestEntityTooLarge:
                 return web.Response(
                     status=413,
