@@ -9,10 +9,10 @@ drain catches capacity that appears without a release (a scrape, a replica back 
 A call handed a replica holds a provisional reservation on it until its own coroutine resumes and
 the proxy takes over the counts, so calls arriving meanwhile cannot take the same room twice.
 
-Each replica's concurrency is also bounded by its KV capacity (`ConcurrencyBoundFilter`, added to
-the policy's filters): at most `pools.admission.concurrency_limit` calls at once, from the scraped
-`max_num_seqs` and KV capacity over the pool's typical call size. Calls beyond it wait here in
-priority order rather than in the engine's own queue.
+Each replica's concurrency is also bounded (`ConcurrencyBoundFilter`, added to the policy's
+filters): at most `pools.admission.concurrency_limit` calls at once, from the scraped `max_num_seqs`
+and, for policies without their own per-call KV filter, how many of the pool's typical calls its KV
+capacity holds. Calls beyond it wait here in priority order rather than in the engine's own queue.
 
 A call waits at most `admission_timeout_s` (then 503 with Retry-After); a client that goes away
 is removed from the queue.
@@ -37,6 +37,7 @@ from pools.types import ReplicaState
 
 log = logging.getLogger("pythia.admission")
 
+KV_FILTER = "kv-capacity"  # pools.routing.filters.kv_capacity.KvCapacityFilter.name
 DRAIN_INTERVAL_S = 0.25  # periodic re-try of queued calls (capacity seen by a scrape, a replica back)
 TYPICAL_EWMA = 0.05  # weight of one call in the pool's typical call size
 WAIT_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
@@ -76,20 +77,24 @@ class TypicalCallSize:
 
 
 class ConcurrencyBoundFilter:
-    """Drops replicas already running as many calls as their KV capacity holds (`concurrency_limit`).
+    """Drops replicas already running as many calls as they can hold at once (`concurrency_limit`).
 
-    An idle replica always stays (a call larger than the cache still has to run somewhere).
+    With `kv_aware` the bound is the engine's `max_num_seqs` and how many typical calls its KV cache
+    holds; without (the policy has its own per-call KV-capacity filter, as Pythia's does) it is the
+    engine's batch limit alone, so calls beyond it wait here in priority order rather than in the
+    engine's queue. An idle replica always stays (a call larger than the cache still has to run somewhere).
     """
 
     name = "concurrency-bound"
 
-    def __init__(self, typical: TypicalCallSize) -> None:
+    def __init__(self, typical: TypicalCallSize, kv_aware: bool = True) -> None:
         self.typical = typical
+        self.kv_aware = kv_aware
 
     def filter(self, ctx: RoutingContext, candidates: list[ReplicaState]) -> list[ReplicaState]:
         if not candidates:
             return candidates
-        typical = self.typical.tokens(candidates[0].pool)
+        typical = self.typical.tokens(candidates[0].pool) if self.kv_aware else 0
         return [r for r in candidates if r.inflight == 0 or r.inflight < concurrency_limit(r, typical)]
 
 
@@ -123,7 +128,8 @@ class AdmissionController:
         policy = gw.policy
         # right after the health filter, so the KV filter's per-candidate stash matches what it returns
         filters = list(policy.filters)
-        filters.insert(1 if filters else 0, ConcurrencyBoundFilter(self.typical))
+        kv_filtered = any(f.name == KV_FILTER for f in filters)
+        filters.insert(1 if filters else 0, ConcurrencyBoundFilter(self.typical, kv_aware=not kv_filtered))
         policy.filters = tuple(filters)
         policy.after_pick = (*policy.after_pick, self.typical.record)
 

@@ -128,7 +128,7 @@ def test_concurrency_bound_from_kv_capacity_holds_calls_beyond_it() -> None:
     gw, adm = gateway()
     r = gw.replicas[URL]
     r.kv_capacity_tokens = 1_000_000  # KV is no limit: the bound comes from the typical call size
-    f = ConcurrencyBoundFilter(adm.typical)
+    f = ConcurrencyBoundFilter(adm.typical)  # kv-aware, as for a policy without its own KV filter
     adm.typical.by_pool["short"] = 100_000.0  # 10 typical calls fit
     c = ctx(gw, "q", 2)
     r.inflight = 9
@@ -137,6 +137,13 @@ def test_concurrency_bound_from_kv_capacity_holds_calls_beyond_it() -> None:
     assert f.filter(c, [r]) == []
     r.inflight = 0
     assert f.filter(c, [r]) == [r]  # idle: always
+    # Pythia's own KV filter sizes each call: the bound is then the engine's batch limit alone
+    batch = ConcurrencyBoundFilter(adm.typical, kv_aware=False)
+    r.inflight, r.max_num_seqs = 10, 16
+    assert batch.filter(c, [r]) == [r]
+    r.inflight = 16
+    assert batch.filter(c, [r]) == []
+    assert any(isinstance(x, ConcurrencyBoundFilter) and not x.kv_aware for x in gw.policy.filters)
 
 
 def test_auto_mode_queues_only_for_policies_with_priorities() -> None:
