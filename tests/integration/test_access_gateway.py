@@ -6,12 +6,14 @@ from __future__ import annotations
 import asyncio
 import shutil
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import aiohttp
 import orjson
 import pytest
+import redis
 
 from tests.conftest import Proc, ProcessGroup, free_port
 from tests.integration.conftest import start_fake_upstream, start_gateway
@@ -28,8 +30,6 @@ def start_redis(group: ProcessGroup, port: int | None = None) -> Proc:
     port = port or free_port()
     proc = group.start(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
                        name="redis", url=f"redis://127.0.0.1:{port}/0")  # fmt: skip
-    import redis
-
     client = redis.Redis(port=port, socket_timeout=0.5)
     for _ in range(200):
         try:
@@ -38,8 +38,6 @@ def start_redis(group: ProcessGroup, port: int | None = None) -> Proc:
         except redis.exceptions.ConnectionError:
             if not proc.alive():
                 break
-            import time
-
             time.sleep(0.05)
     raise RuntimeError("redis-server did not start")
 
