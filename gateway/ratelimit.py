@@ -19,6 +19,8 @@ from typing import Any
 log = logging.getLogger("pythia.ratelimit")
 
 WINDOW_S = 60.0  # limits are per minute: a bucket holds one minute's allowance and refills over a minute
+MAX_REDIS_CONNECTIONS = 32  # per gateway worker
+SLOW_CALLS_MEAN_DOWN = 3  # Redis timeouts in a row that count as an outage
 MAX_LOCAL_KEYS = 100_000  # local buckets kept per process (oldest dropped): bounded memory
 
 # KEYS[1] request bucket, KEYS[2] token bucket; ARGV rpm, tpm, token cost. Each bucket is a hash
@@ -143,14 +145,21 @@ class RateLimiter:
         self.clock = clock
         self._down_until = 0.0
         self._errors = 0
+        self._slow = 0  # timeouts in a row
         self._redis: Any = None
         self._script: Any = None
         if redis_url:
             import redis.asyncio as aioredis
 
-            self._redis = aioredis.Redis.from_url(
-                redis_url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s, retry_on_timeout=False
+            # a bounded pool: a burst of calls queues for a few connections instead of opening one each
+            pool = aioredis.BlockingConnectionPool.from_url(
+                redis_url,
+                max_connections=MAX_REDIS_CONNECTIONS,
+                timeout=None,  # waiting for a free connection is bounded by take()'s own timeout
+                socket_timeout=timeout_s,
+                socket_connect_timeout=timeout_s,
             )
+            self._redis = aioredis.Redis(connection_pool=pool)
             self._script = self._redis.register_script(_LUA)
 
     @property
@@ -170,24 +179,39 @@ class RateLimiter:
             )
         except Exception as e:  # any Redis trouble: decide locally, never fail the call
             self._errors += 1
-            if self.clock() >= self._down_until:
-                log.warning(
-                    "rate limit Redis unavailable; limiting per process for now",
-                    extra={"error": e.__class__.__name__, "retry_s": self.retry_s, "errors": self._errors},
-                )
-            self._down_until = self.clock() + self.retry_s
+            self._slow += 1
+            # refused/reset: down now; timeouts: down after a few in a row (one slow call in a burst is not an outage)
+            if self._slow >= SLOW_CALLS_MEAN_DOWN or not isinstance(e, TimeoutError | aioredis_timeout()):
+                if self.clock() >= self._down_until:
+                    log.warning(
+                        "rate limit Redis unavailable; limiting per process for now",
+                        extra={
+                            "error": e.__class__.__name__,
+                            "retry_s": self.retry_s,
+                            "errors": self._errors,
+                        },
+                    )
+                self._down_until = self.clock() + self.retry_s
             return self.local.take(key, tokens)
+        self._slow = 0
         if self._errors:
-            log.info("rate limit Redis back; limits are shared again", extra={"errors": self._errors})
+            log.info("rate limit Redis answers; limits are shared again", extra={"errors": self._errors})
             self._errors = 0
         w = float(wait.decode() if isinstance(wait, bytes) else wait)
         return Verdict(bool(int(allowed)), w, which.decode() if isinstance(which, bytes) else str(which))
 
     async def close(self) -> None:
         if self._redis is not None:
-            await self._redis.aclose()
+            await self._redis.aclose(close_connection_pool=True)
             self._redis = None
             self._script = None
+
+
+def aioredis_timeout() -> type[Exception]:
+    """redis-py's own timeout exception (a socket read that timed out)."""
+    from redis.exceptions import TimeoutError as RedisTimeout
+
+    return RedisTimeout
 
 
 def retry_after_header(wait_s: float) -> str:
