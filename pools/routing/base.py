@@ -172,3 +172,7 @@ class Policy:
     uses_prefix_index: bool = False  # record each placement in the prefix index
     after_pick: tuple[AfterPick, ...] = ()
     actions: ActionsFn | None = None
+    # reserve KV only for the part of the prompt the chosen replica does not hold already (its prefix
+    # match): calls sharing a cached prefix share its blocks in vLLM, so counting the whole prompt of
+    # each would double count them and hold back calls that fit
+    reserve_uncached: bool = False

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import math
 
+from pools.prefix_hash import DEFAULT_BLOCK_CHARS
+from pools.request_features import BYTES_PER_TOKEN
 from pools.routing.base import RoutingContext
 from pools.types import ReplicaState
 
 # output length assumed when neither the predictor nor the client bounds it (a cold call)
 DEFAULT_OUTPUT_BOUND = 1024
+# prompt tokens per prefix-index block (as pools.routing.reconcile counts them)
+TOKENS_PER_BLOCK = DEFAULT_BLOCK_CHARS // BYTES_PER_TOKEN
 # z-score of the predictor's output *bound* (its high quantile, about p95): turns bound-expected into a sd
 BOUND_Z = 1.645
 
@@ -37,6 +41,19 @@ def call_kv_bound(ctx: RoutingContext) -> int:
 def call_kv_expected(ctx: RoutingContext) -> int:
     """KV tokens this call is expected to occupy."""
     return ctx.features.prompt_tokens + output_expected(ctx)
+
+
+def cached_prompt_tokens(ctx: RoutingContext, url: str) -> int:
+    """Prompt tokens the replica already holds, from the routing prefix index's match (always leaves one
+    token to compute, as vLLM does); 0 when the policy did not match the prompt against the index."""
+    m = ctx.prefix_match
+    if not m:
+        return 0
+    blocks = m.get(url, 0)
+    if not blocks:
+        return 0
+    prompt = ctx.features.prompt_tokens
+    return max(0, min(prompt - 1, blocks * TOKENS_PER_BLOCK))
 
 
 def expected_used(r: ReplicaState) -> float:

@@ -78,20 +78,31 @@ def pythia(
     short_penalty: float = 0.05,
     headroom_weight: float = 1.0,
     prefix_weight: float = 8.0,
+    prefix_slack: float = 8.0,
+    prefix_slack_tokens: float = 1024.0,
     queue_weight: float = 1.0,
     aging_s: float = 60.0,
+    reserve_uncached: bool = True,
 ) -> Policy:
     """Pythia: workflow-lifetime pools, capacity-predictive choice, prefix affinity, lookahead priority,
-    pre-warm; each mechanism switchable (False = ablated) for the `pythia-no-<mechanism>` entries."""
+    pre-warm; each mechanism switchable (False = ablated) for the `pythia-no-<mechanism>` entries.
+
+    Prefix affinity is load-aware: a replica's prefix bonus fades to 0 once its load exceeds the least
+    loaded candidate's by `prefix_slack` calls plus one per `prefix_slack_tokens` matched tokens (a popular
+    system prompt no longer pulls every fan-out sibling onto one replica; a long cached conversation
+    still stays). `reserve_uncached`: KV reservations and the capacity filter count only the prompt
+    tokens the replica does not hold already."""
     from pools.prewarm import choose_prewarm  # late: pools.prewarm imports this package
 
     filters: list[Filter] = [HealthyFilter()]
     hooks: list[AfterPick] = [record_workflow]
     if capacity:
-        filters.append(KvCapacityFilter(max_overflow_probability, kv_budget, max_inflight))
+        filters.append(KvCapacityFilter(max_overflow_probability, kv_budget, max_inflight, reserve_uncached and prefix))
     if prefix:
         hooks.append(record_prediction)
-    scorer = PythiaPlacementScorer(queue_weight, headroom_weight if capacity else 0.0, prefix_weight if prefix else 0.0)
+    scorer = PythiaPlacementScorer(
+        queue_weight, headroom_weight if capacity else 0.0, prefix_weight if prefix else 0.0, prefix_slack, prefix_slack_tokens
+    )
     return Policy(
         name,
         partial(predicted_peak_pool, spill_margin=spill_margin, short_penalty=short_penalty) if pool else smallest_fitting_pool,
@@ -102,6 +113,7 @@ def pythia(
         uses_prefix_index=prefix,
         after_pick=tuple(hooks),
         actions=choose_prewarm if prewarm else None,
+        reserve_uncached=reserve_uncached and prefix,
     )
 
 

@@ -119,9 +119,45 @@ def test_prefix_wins_among_eligible_replicas_and_headroom_breaks_ties() -> None:
     st2 = RoutingState(workflow_pool={"wf6": "short"})
     st2.prefix_index.insert("http://s1", call(st2, text).sampled_hashes())
     assert route(call(st2, text + "question", prediction=warm("wf6")), v, p).replica == "http://s1"
-    # ... but not when the call would likely overflow s1's KV cache: capacity is a hard constraint
+    # the cached prefix is already resident on s1: only the uncached rest needs new KV, so a nearly
+    # full s1 still takes the call (a whole-prompt reservation would have sent it away)
     s1.reserved_kv_expected_tokens = s1.reserved_kv_tokens = 99_500
+    d = route(call(st2, text + "question", prediction=warm("wf6")), v, p)
+    assert d.replica == "http://s1"
+    assert d.kv_reserve_tokens < call(st2, text + "question").features.prompt_tokens
+    # ... but not when even that would likely overflow s1's KV cache: capacity is a hard constraint
+    s1.reserved_kv_expected_tokens = s1.reserved_kv_tokens = 99_950
     assert route(call(st2, text + "question", prediction=warm("wf6")), v, p).replica == "http://s2"
+
+
+def test_reservation_counts_the_whole_prompt_where_nothing_is_cached() -> None:
+    v, p = cluster(), make_policy("pythia")
+    st = RoutingState(workflow_pool={"wf9": "short"})
+    ctx = call(st, "fresh prompt " * 300, prediction=warm("wf9"))
+    d = route(ctx, v, p)
+    assert d.kv_reserve_tokens == ctx.features.prompt_tokens + 64  # max_tokens bounds the output
+
+
+def test_prefix_affinity_yields_to_load_for_a_shared_system_prompt_but_not_a_long_conversation() -> None:
+    v, p = cluster(), make_policy("pythia")
+    s1 = v.pools[0].replicas[0]
+    system = "You are a web researcher. " * 40  # ~1k chars: a few blocks every fan-out sibling shares
+    st = RoutingState(workflow_pool={"wf10": "short", "wf11": "short"})
+    st.prefix_index.insert("http://s1", call(st, system).sampled_hashes())
+    # s1 holds the system prompt and is as idle as the others: the cached prefix wins
+    assert route(call(st, system + "search A", prediction=warm("wf10")), v, p).replica == "http://s1"
+    # s1 now runs 12 more calls than the others: a few shared blocks are not worth that queue
+    s1.inflight, s1.num_running = 12, 12
+    assert route(call(st, system + "search B", prediction=warm("wf10")), v, p).replica != "http://s1"
+    # a long conversation cached on s1 (thousands of tokens) is worth the same extra load
+    history = "turn of a long coding session " * 1200
+    st.prefix_index.insert("http://s1", call(st, history).sampled_hashes())
+    assert route(call(st, history + "next", prediction=warm("wf11")), v, p).replica == "http://s1"
+    # the old load-blind affinity (no slack) followed the system prompt whatever the load
+    blind = pythia(prefix_slack=0.0, prefix_slack_tokens=0.0)
+    st2 = RoutingState(workflow_pool={"wf10": "short"})
+    st2.prefix_index.insert("http://s1", call(st2, system).sampled_hashes())
+    assert route(call(st2, system + "search C", prediction=warm("wf10")), v, blind).replica == "http://s1"
 
 
 def test_prefix_affinity_keeps_a_workflow_on_the_replica_with_its_context() -> None:

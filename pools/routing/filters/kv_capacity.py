@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pools.routing.base import RoutingContext
-from pools.routing.kv import call_kv_bound, call_kv_expected, overflow_probability
+from pools.routing.kv import cached_prompt_tokens, call_kv_bound, call_kv_expected, overflow_probability
 from pools.types import ReplicaState
 
 
@@ -19,15 +19,22 @@ class KvCapacityFilter:
 
     name = "kv-capacity"
 
-    def __init__(self, max_overflow_probability: float = 0.05, kv_budget: float = 1.0, max_inflight: int = 0) -> None:
+    def __init__(
+        self, max_overflow_probability: float = 0.05, kv_budget: float = 1.0, max_inflight: int = 0, uncached: bool = False
+    ) -> None:
         self.max_overflow_probability = max_overflow_probability
+        # count only the prompt tokens a replica does not already hold (its prefix-index match) as new
+        # demand: a cached prefix's blocks are shared, not allocated again
+        self.uncached = uncached
         # share of the KV cache admitted calls may fill: below 1, calls beyond it wait at the gateway in
         # priority order instead of slowing every running call down (decode reads all resident KV)
         self.kv_budget = kv_budget
         self.max_inflight = max_inflight or 1 << 30  # calls per replica at most (0 = no bound but the KV's)
 
     def filter(self, ctx: RoutingContext, candidates: list[ReplicaState]) -> list[ReplicaState]:
-        exp, bound, limit = call_kv_expected(ctx), call_kv_bound(ctx), self.max_overflow_probability
+        exp0, bound0, limit = call_kv_expected(ctx), call_kv_bound(ctx), self.max_overflow_probability
+        exp, bound = exp0, bound0
+        matched = ctx.matched_blocks() if self.uncached and ctx.features.prefix_hashes else None
         out: list[ReplicaState] = []
         free: list[float] = []  # expected free fraction after this call, for the headroom score
         loads: list[int] = []  # and the queue depth, for the queue score
@@ -39,6 +46,9 @@ class KvCapacityFilter:
                 free.append(1.0 - r.kv_usage)
                 loads.append(max(r.inflight, r.num_running) + r.num_waiting)
                 continue
+            if matched:
+                cached = cached_prompt_tokens(ctx, r.url)
+                exp, bound = exp0 - cached, bound0 - cached
             scraped = r.kv_usage * cap
             reserved = r.reserved_kv_tokens
             expected = r.reserved_kv_expected_tokens or reserved

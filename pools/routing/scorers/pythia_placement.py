@@ -4,6 +4,10 @@ The KV-capacity filter runs first and is the hard constraint (no replica is push
 among the eligible replicas the cached prefix weighs most (default 8 vs 1 + 1): in the simulator's
 sweeps a prefix hit (a prefill not done) shortened jobs more than balancing headroom did, so headroom
 and queue depth decide between replicas with equal matches, e.g. for a workflow's first call.
+The prefix bonus is load-aware (like SGLang's balance threshold, but per match): it fades to 0 as a
+replica's load exceeds the least-loaded candidate's by `prefix_slack` calls plus one call per
+`prefix_slack_tokens` matched tokens. Without it a popular system prompt (every searcher of every
+deep-research workflow) pulled all fan-out siblings onto the one replica that cached it.
 
 One pass over the candidates computes all three, already weighted, because a decision over a
 64-replica cluster must cost under 50 us (see docs/benchmarks.md); each part can be switched off
@@ -22,7 +26,7 @@ for ablation.
 from __future__ import annotations
 
 from pools.routing.base import RoutingContext
-from pools.routing.kv import call_kv_expected
+from pools.routing.kv import TOKENS_PER_BLOCK, call_kv_expected
 from pools.types import ReplicaState
 
 
@@ -32,11 +36,23 @@ class PythiaPlacementScorer:
     name = "pythia-placement"
 
     def __init__(
-        self, queue_weight: float = 1.0, headroom_weight: float = 1.0, prefix_weight: float = 8.0
+        self,
+        queue_weight: float = 1.0,
+        headroom_weight: float = 1.0,
+        prefix_weight: float = 8.0,
+        prefix_slack: float = 0.0,
+        prefix_slack_tokens: float = 0.0,
     ) -> None:
         self.queue_weight = queue_weight
         self.headroom_weight = headroom_weight
         self.prefix_weight = prefix_weight
+        # load-aware affinity: a replica's prefix bonus fades linearly to 0 as its load exceeds the
+        # least-loaded candidate's by `prefix_slack` calls (0 = the bonus ignores load)
+        self.prefix_slack = prefix_slack
+        # or, scaled by what the match saves: the bonus fades to 0 once the extra load reaches one call
+        # per `prefix_slack_tokens` matched prompt tokens (a long cached conversation is worth waiting
+        # behind a few calls, a shared system prompt is not; fan-out siblings spread)
+        self.prefix_slack_tokens = prefix_slack_tokens
 
     def score(self, ctx: RoutingContext, candidates: list[ReplicaState]) -> list[float]:
         # list comprehensions, one per signal: the fastest shape CPython offers for these loops
@@ -60,7 +76,21 @@ class PythiaPlacementScorer:
             if matched:
                 k = pw / total
                 get = matched.get
-                out = [s + get(r.url, 0) * k for s, r in zip(out, candidates, strict=True)]
+                slack = self.prefix_slack
+                per_call = self.prefix_slack_tokens / TOKENS_PER_BLOCK  # matched blocks worth one call
+                if per_call > 0.0:
+                    # slack in calls: `prefix_slack` plus one per `prefix_slack_tokens` matched
+                    out = [
+                        s + m * k * max(0.0, 1.0 - (x - lo) / (slack + m / per_call)) if (m := get(r.url, 0)) else s
+                        for s, r, x in zip(out, candidates, loads, strict=True)
+                    ]
+                elif slack > 0.0:
+                    out = [
+                        s + get(r.url, 0) * k * max(0.0, 1.0 - (x - lo) / slack)
+                        for s, r, x in zip(out, candidates, loads, strict=True)
+                    ]
+                else:
+                    out = [s + get(r.url, 0) * k for s, r in zip(out, candidates, strict=True)]
         return out
 
     @staticmethod
