@@ -187,3 +187,38 @@ async def test_redis_token_buckets_are_one_bucket_for_all_limiters(cluster: Clus
     finally:
         await a.close()
         await b.close()
+
+
+async def test_hung_redis_costs_a_few_timeouts_then_nothing() -> None:
+    from gateway.ratelimit import SLOW_CALLS_MEAN_DOWN, RateLimiter
+
+    held: list[asyncio.StreamWriter] = []
+    received = [0]
+
+    async def never_answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)  # accepts and reads, never answers: a hung (SIGSTOPped) Redis
+        while chunk := await reader.read(65536):
+            received[0] += len(chunk)
+
+    server = await asyncio.start_server(never_answer, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    r = RateLimiter(2, 0, redis_url=f"redis://127.0.0.1:{port}/0", timeout_s=0.1)
+    try:
+        verdicts = []
+        for _ in range(SLOW_CALLS_MEAN_DOWN):  # each waits out the timeout, then decides locally
+            verdicts.append(await r.take("k", 0))
+        await asyncio.sleep(0.1)
+        asked = received[0]
+        assert asked > 0
+        verdicts.append(await r.take("k", 0))  # now known down: decided here without asking Redis
+        await asyncio.sleep(0.1)
+        assert received[0] == asked
+        assert [v.allowed for v in verdicts] == [True, True, False, False] and not any(
+            v.shared for v in verdicts
+        )
+    finally:
+        await r.close()
+        for w in held:
+            w.close()
+        server.close()
+        await server.wait_closed()

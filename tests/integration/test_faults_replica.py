@@ -74,7 +74,6 @@ async def test_sigkilled_replica_under_load(procs: ProcessGroup) -> None:
         b.kill()  # SIGKILL mid-stream
         # calls arriving now: connect refused on b is retried on a, before any byte reached the client
         after = [Call() for _ in range(12)]
-        t0 = time.monotonic()
         tasks += [
             asyncio.create_task(run_call(s, gw.url, body(100 + i, False, 8), c)) for i, c in enumerate(after)
         ]
@@ -110,4 +109,3 @@ async def test_sigkilled_replica_under_load(procs: ProcessGroup) -> None:
             await asyncio.sleep(0.2)
         else:
             raise AssertionError("replica not readmitted by every worker")
-    assert time.monotonic() - t0 < 60
