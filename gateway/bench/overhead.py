@@ -37,6 +37,7 @@ TARGETS = [
     "sglang-router:cache_aware",
     "pythia:round_robin",
     "pythia:pythia",
+    "pythia-aiohttp:round_robin",  # PYTHIA_FAST_PATH=0: what the fast server path saves, in the same run
 ]
 
 
@@ -201,13 +202,14 @@ def target(name: str, upstreams: list[str], tmp: Path) -> Iterator[tuple[str, li
                 log=tmp / f"{kind}-{policy}.log",
             )
             wait_http(base + "/health")
-        elif kind == "pythia":
+        elif kind in ("pythia", "pythia-aiohttp"):
             pools = [{"name": "short", "max_context_tokens": 32768, "models": [MODEL], "replicas": upstreams}]
             procs.start(
                 [str(Path(sys.executable).parent / "pythia"), "serve"],
                 env={"PYTHIA_HOST": "127.0.0.1", "PYTHIA_PORT": str(port), "PYTHIA_WORKERS": "2",
-                     "PYTHIA_POOLS": json.dumps(pools), "PYTHIA_POLICY": policy, "PYTHIA_LOG_LEVEL": "warning"},
-                log=tmp / f"pythia-{policy}.log",
+                     "PYTHIA_POOLS": json.dumps(pools), "PYTHIA_POLICY": policy, "PYTHIA_LOG_LEVEL": "warning",
+                     "PYTHIA_FAST_PATH": "0" if kind == "pythia-aiohttp" else "1"},
+                log=tmp / f"{kind}-{policy}.log",
             )
             wait_http(base + "/ready")
         else:
@@ -236,8 +238,9 @@ def run_wrk(url: str, script: Path, connections: int, seconds: int, pgids: list[
         capture_output=True, text=True, check=True,
     ).stdout
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
-    p50 = _ms(re.search(r"50%\s+(\S+)", out).group(1))  # type: ignore[union-attr]
-    p99 = _ms(re.search(r"99%\s+(\S+)", out).group(1))  # type: ignore[union-attr]
+    # anchored to the "Latency Distribution" lines: a "+/- Stdev" column such as "75.50%" must not match
+    p50 = _ms(re.search(r"^\s+50%\s+(\S+)", out, re.M).group(1))  # type: ignore[union-attr]
+    p99 = _ms(re.search(r"^\s+99%\s+(\S+)", out, re.M).group(1))  # type: ignore[union-attr]
     errs = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     sock = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
     n_err = (int(errs.group(1)) if errs else 0) + (sum(int(x) for x in sock.groups()) if sock else 0)
