@@ -47,7 +47,7 @@ async def serve_worker(settings: Settings, pools: list[PoolConfig], worker_index
     )
     await runner.setup()
     fast = None
-    if fast_path_enabled():
+    if settings.fast_path:
         from gateway.fastpath import start_fast_server
 
         # hot endpoints on the lean protocol (gateway.fastpath); other requests continue on aiohttp's
@@ -74,11 +74,6 @@ async def serve_worker(settings: Settings, pools: list[PoolConfig], worker_index
         # what is left of the grace period goes to connections aiohttp serves (runner reads it at cleanup)
         runner._shutdown_timeout = max(0.1, settings.shutdown_grace_s - (time.monotonic() - t0))
     await runner.cleanup()  # stop accepting, wait for in-flight handlers up to the grace period
-
-
-def fast_path_enabled() -> bool:
-    """PYTHIA_FAST_PATH=0 serves every request through aiohttp (for comparisons and as an escape hatch)."""
-    return os.environ.get("PYTHIA_FAST_PATH", "1").strip().lower() not in ("0", "false", "no", "off")
 
 
 def _run_worker(settings: Settings, pools: list[PoolConfig], worker_index: int) -> None:

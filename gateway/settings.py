@@ -51,6 +51,9 @@ class Settings(BaseSettings):
     )
     max_tag_length: int = Field(128, ge=1, le=1024, description="longest accepted app/workflow/agent/session tag")
     routing_headers: bool = Field(False, description="add x-pythia-pool / x-pythia-replica to responses")
+    fast_path: bool = Field(
+        True, description="serve the two completion endpoints on the lean server path (false = all through aiohttp)"
+    )
     log_level: str = Field("INFO", description="DEBUG, INFO, WARNING or ERROR")
     log_json: bool = Field(True, description="structured JSON log lines (false = plain text)")
     otel_endpoint: str = Field("", description="OTLP/HTTP traces endpoint; empty = tracing off")
