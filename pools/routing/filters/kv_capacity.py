@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pools.routing.base import RoutingContext
-from pools.routing.kv import cached_prompt_tokens, call_kv_bound, call_kv_expected, overflow_probability
+from pools.routing.kv import TOKENS_PER_BLOCK, call_kv_bound, call_kv_expected, overflow_probability
 from pools.types import ReplicaState
 
 
@@ -34,7 +34,14 @@ class KvCapacityFilter:
     def filter(self, ctx: RoutingContext, candidates: list[ReplicaState]) -> list[ReplicaState]:
         exp0, bound0, limit = call_kv_expected(ctx), call_kv_bound(ctx), self.max_overflow_probability
         exp, bound = exp0, bound0
-        matched = ctx.matched_blocks() if self.uncached and ctx.features.prefix_hashes else None
+        # prompt tokens each replica already holds (only replicas with a match; computed once, not per candidate)
+        cached_of: dict[str, int] | None = None
+        if self.uncached and ctx.features.prefix_hashes:
+            matched = ctx.matched_blocks()
+            if matched:
+                top = ctx.features.prompt_tokens - 1
+                cached_of = {u: b * TOKENS_PER_BLOCK for u, b in matched.items()}
+                cached_of = {u: (c if c < top else top) for u, c in cached_of.items()}
         out: list[ReplicaState] = []
         free: list[float] = []  # expected free fraction after this call, for the headroom score
         loads: list[int] = []  # and the queue depth, for the queue score
@@ -46,8 +53,8 @@ class KvCapacityFilter:
                 free.append(1.0 - r.kv_usage)
                 loads.append(max(r.inflight, r.num_running) + r.num_waiting)
                 continue
-            if matched:
-                cached = cached_prompt_tokens(ctx, r.url)
+            if cached_of is not None:
+                cached = cached_of.get(r.url, 0)
                 exp, bound = exp0 - cached, bound0 - cached
             scraped = r.kv_usage * cap
             reserved = r.reserved_kv_tokens
