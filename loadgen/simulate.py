@@ -25,6 +25,7 @@ from pools.prefix_hash import DEFAULT_BLOCK_CHARS
 from pools.request_features import BYTES_PER_TOKEN, InvalidRequest, extract_features
 from pools.routing.base import Decision, Policy, RoutingContext, RoutingState
 from pools.routing.policies import make_policy
+from pools.routing.reconcile import reconcile_prefix_index, size_from_capacity
 from pools.routing.router import route
 from pools.sim import EventKind, RequestRejected, SimEngine, SimRequest
 from pools.types import ClusterView, PoolConfig, ReplicaState
@@ -196,6 +197,7 @@ class Simulation:
         self._rid = itertools.count()
         self._next: dict[str, float] = dict.fromkeys(self.engines, math.inf)
         self._open_workflows = 0
+        self._reconciled: dict[str, tuple[float, float]] = {}  # scraped prefix counters at the last reconcile
 
     # ------------------------------------------------------------------ loop
 
@@ -475,7 +477,14 @@ class Simulation:
             r.max_num_seqs = e.max_num_seqs
             if r.kv_capacity_tokens != e.kv_capacity_tokens:
                 r.kv_capacity_tokens = e.kv_capacity_tokens
-                self.state.prefix_index.set_capacity(url, max(1, e.kv_capacity_tokens // TOKENS_PER_PREFIX_BLOCK))
+                # the index share in sampled entries, as the routing core sizes it (pools.routing.reconcile)
+                self.state.sized_replicas.discard(url)
+                size_from_capacity(self.state, r)
+            if self.policy.uses_prefix_index:
+                # mechanism 3's correction: compare the scraped hit counters' increase with what the index predicted
+                q0, h0 = self._reconciled.get(url, (0.0, 0.0))
+                if reconcile_prefix_index(self.state, r, r.prefix_cache_queries - q0, r.prefix_cache_hits - h0) is not None:
+                    self._reconciled[url] = (r.prefix_cache_queries, r.prefix_cache_hits)
             r.last_scrape_s = t
 
 
