@@ -15,13 +15,11 @@ import aiohttp
 
 from gateway.metrics import GatewayMetrics
 from gateway.scrape import parse_vllm_metrics
-from pools.prefix_hash import DEFAULT_BLOCK_CHARS
-from pools.request_features import BYTES_PER_TOKEN
 from pools.routing.base import RoutingState
+from pools.routing.reconcile import after_scrape
 from pools.types import ClusterView, ReplicaState
 
 log = logging.getLogger("pythia.health")
-TOKENS_PER_PREFIX_BLOCK = DEFAULT_BLOCK_CHARS // BYTES_PER_TOKEN
 
 
 class ReplicaMonitor:
@@ -37,9 +35,11 @@ class ReplicaMonitor:
         timeout_s: float,
         unhealthy_after: int,
         scrape_interval_s: float,
+        reconcile_prefix_index: bool = False,
     ) -> None:
         self.view = view
         self.routing_state = routing_state
+        self.reconcile_prefix_index = reconcile_prefix_index  # correct the prefix index from scraped hit counters
         self.metrics = metrics
         self.interval_s = interval_s
         self.timeout_s = timeout_s
@@ -152,9 +152,11 @@ class ReplicaMonitor:
             r.num_preemptions = s.num_preemptions
         if s.max_num_seqs is not None:
             r.max_num_seqs = s.max_num_seqs
-        if s.kv_capacity_tokens is not None and s.kv_capacity_tokens != r.kv_capacity_tokens:
+        capacity_changed = s.kv_capacity_tokens is not None and s.kv_capacity_tokens != r.kv_capacity_tokens
+        if s.kv_capacity_tokens is not None:
             r.kv_capacity_tokens = s.kv_capacity_tokens
-            self.routing_state.prefix_index.set_capacity(r.url, max(1, s.kv_capacity_tokens // TOKENS_PER_PREFIX_BLOCK))
+        # the same index sizing and restart handling the virtual-time harness applies after its scrapes
+        after_scrape(self.routing_state, r, capacity_changed, self.reconcile_prefix_index)
         r.last_scrape_s = time.monotonic()
         return True
 

@@ -21,17 +21,15 @@ from typing import Any
 from loadgen.metrics import EngineCounters, RequestRecord, WorkflowRecord
 from loadgen.workflow import Call, Workflow
 from pools.admission import AdmissionQueue, Waiting
-from pools.prefix_hash import DEFAULT_BLOCK_CHARS
-from pools.request_features import BYTES_PER_TOKEN, InvalidRequest, extract_features
+from pools.request_features import InvalidRequest, extract_features
 from pools.routing.base import Decision, Policy, RoutingContext, RoutingState
 from pools.routing.policies import make_policy
-from pools.routing.reconcile import reconcile_prefix_index, size_from_capacity
+from pools.routing.reconcile import after_scrape
 from pools.routing.router import route
 from pools.sim import EventKind, RequestRejected, SimEngine, SimRequest
 from pools.types import ClusterView, PoolConfig, ReplicaState
 from predictor.types import Outcome, Prediction, RequestFeatures, Tags
 
-TOKENS_PER_PREFIX_BLOCK = DEFAULT_BLOCK_CHARS // BYTES_PER_TOKEN  # as the gateway sizes its prefix index
 DEFAULT_PRESET = "llama-3.1-8b-a100"
 
 _ARRIVE, _READY, _SCRAPE = 0, 1, 2
@@ -197,7 +195,6 @@ class Simulation:
         self._rid = itertools.count()
         self._next: dict[str, float] = dict.fromkeys(self.engines, math.inf)
         self._open_workflows = 0
-        self._reconciled: dict[str, tuple[float, float]] = {}  # scraped prefix counters at the last reconcile
 
     # ------------------------------------------------------------------ loop
 
@@ -475,16 +472,9 @@ class Simulation:
             r.prefix_cache_hits = float(m.prefix_cache_hits)
             r.num_preemptions = float(m.num_preemptions)
             r.max_num_seqs = e.max_num_seqs
-            if r.kv_capacity_tokens != e.kv_capacity_tokens:
-                r.kv_capacity_tokens = e.kv_capacity_tokens
-                # the index share in sampled entries, as the routing core sizes it (pools.routing.reconcile)
-                self.state.sized_replicas.discard(url)
-                size_from_capacity(self.state, r)
-            if self.policy.uses_prefix_index:
-                # mechanism 3's correction: compare the scraped hit counters' increase with what the index predicted
-                q0, h0 = self._reconciled.get(url, (0.0, 0.0))
-                if reconcile_prefix_index(self.state, r, r.prefix_cache_queries - q0, r.prefix_cache_hits - h0) is not None:
-                    self._reconciled[url] = (r.prefix_cache_queries, r.prefix_cache_hits)
+            capacity_changed = r.kv_capacity_tokens != e.kv_capacity_tokens
+            r.kv_capacity_tokens = e.kv_capacity_tokens
+            after_scrape(self.state, r, capacity_changed, self.policy.uses_prefix_index)
             r.last_scrape_s = t
 
 

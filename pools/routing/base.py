@@ -36,6 +36,9 @@ class RoutingState:
     routed_prompt_tokens: dict[str, float] = field(default_factory=dict)
     sized_replicas: set[str] = field(default_factory=set)  # replicas whose index share came from KV capacity
     index_capacity: dict[str, int] = field(default_factory=dict)  # current index share per replica (blocks)
+    # scraped (prefix_cache_queries, prefix_cache_hits) per replica at its last reconcile
+    reconciled_counters: dict[str, tuple[float, float]] = field(default_factory=dict)
+    scraped_queries: dict[str, float] = field(default_factory=dict)  # prefix_cache_queries at the last scrape
     max_workflows: int = 200_000  # memory bound of the per-workflow maps (oldest forgotten first)
 
     def index(self, name: str, capacity_blocks: int) -> PrefixIndex:

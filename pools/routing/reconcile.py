@@ -66,3 +66,28 @@ def reconcile_prefix_index(
     state.index_capacity[url] = new
     state.prefix_index.set_capacity(url, new)
     return new
+
+
+def after_scrape(state: RoutingState, replica: ReplicaState, capacity_changed: bool, reconcile: bool) -> None:
+    """What one scrape of a replica's engine metrics means for the prefix index.
+
+    Shared by the live gateway's scraper and the virtual-time harness: re-size the replica's
+    index share when its KV capacity changed, forget it when its prefix counters went back (the
+    engine restarted with an empty cache), and, with `reconcile`, correct the share from the
+    scraped hit counters.
+    """
+    url = replica.url
+    if capacity_changed:
+        state.sized_replicas.discard(url)
+        size_from_capacity(state, replica)
+    last = state.scraped_queries.get(url, 0.0)
+    state.scraped_queries[url] = replica.prefix_cache_queries
+    if replica.prefix_cache_queries < last:
+        state.prefix_index.forget(url)
+        state.reconciled_counters[url] = (replica.prefix_cache_queries, replica.prefix_cache_hits)
+        return
+    if not reconcile:
+        return
+    q0, h0 = state.reconciled_counters.get(url, (0.0, 0.0))
+    if reconcile_prefix_index(state, replica, replica.prefix_cache_queries - q0, replica.prefix_cache_hits - h0) is not None:
+        state.reconciled_counters[url] = (replica.prefix_cache_queries, replica.prefix_cache_hits)
