@@ -122,6 +122,12 @@ class Gateway:
         worker_index: int = 0,
     ) -> None:
         self.settings = settings
+        # The gateway terminates client auth: a gateway key must not reach the replicas, which get
+        # the upstream key (if any) instead. Without either, the client's header passes unchanged.
+        upstream_key = settings.upstream_api_key.get_secret_value()
+        self._upstream_auth = b"Bearer " + upstream_key.encode() if upstream_key else b""
+        self._replace_auth = bool(settings.api_keys.get_secret_value() or upstream_key)
+        self._drop_raw = _DROP_REQUEST_RAW | {b"authorization"} if self._replace_auth else _DROP_REQUEST_RAW
         self.view = ClusterView.from_configs(pools)
         self.replicas: dict[str, ReplicaState] = {r.url: r for p in self.view.pools for r in p.replicas}
         self.routing_state = RoutingState()
@@ -348,13 +354,19 @@ class Gateway:
         h = CIMultiDict(request.headers)
         for name in _DROP_REQUEST_HEADERS:
             h.popall(name, None)
+        if self._replace_auth:
+            h.popall("Authorization", None)
+            if self._upstream_auth:
+                h["Authorization"] = self._upstream_auth.decode()
         h["Content-Type"] = "application/json"
         return h
 
-    @staticmethod
-    def _forward_header_lines(request: web.Request) -> bytes:
+    def _forward_header_lines(self, request: web.Request) -> bytes:
         """Client header lines to pass on (raw bytes, ours and hop-by-hop removed), plus our Content-Type."""
-        lines = [b"%s: %s\r\n" % (k, v) for k, v in request.raw_headers if k.lower() not in _DROP_REQUEST_RAW]
+        drop = self._drop_raw
+        lines = [b"%s: %s\r\n" % (k, v) for k, v in request.raw_headers if k.lower() not in drop]
+        if self._upstream_auth:
+            lines.append(b"Authorization: %s\r\n" % self._upstream_auth)
         lines.append(b"Content-Type: application/json\r\n")
         return b"".join(lines)
 

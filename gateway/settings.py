@@ -69,6 +69,9 @@ class Settings(BaseSettings):
         SecretStr(""), description="API keys clients must send as `Authorization: Bearer`; empty = no auth"
     )
     admin_api_key: SecretStr = Field(SecretStr(""), description="key for /pythia/* endpoints; empty = as /v1/*")
+    upstream_api_key: SecretStr = Field(
+        SecretStr(""), description="key sent to replicas (vLLM --api-key); empty = none. Client keys are never forwarded"
+    )
     rate_limit_rpm: int = Field(0, ge=0, description="requests per minute per API key (token bucket); 0 = off")
     rate_limit_tpm: int = Field(
         0, ge=0, description="tokens (prompt + max_tokens) per minute per API key (token bucket); 0 = off"

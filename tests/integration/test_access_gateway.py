@@ -103,6 +103,10 @@ async def test_api_keys_are_required_and_checked(cluster: Cluster) -> None:
     assert_error(status, body, 401, "invalid_api_key")
     status, body, _ = await call(url, OTHER_KEY, chat())
     assert status == 200 and orjson.loads(body)["choices"]
+    # the gateway terminated auth: the client's key never reaches the replica
+    status, stats, _ = await call(cluster.upstream.url, None, None, "/debug/stats")
+    forwarded = {k.lower(): v for k, v in orjson.loads(stats)["last_headers"].items()}
+    assert status == 200 and forwarded and "authorization" not in forwarded
     for path in ("/health", "/ready", "/metrics"):  # probes and Prometheus need no key
         assert (await call(url, None, None, path))[0] == 200
 
