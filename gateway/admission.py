@@ -21,7 +21,6 @@ is removed from the queue.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ from dataclasses import dataclass
 from prometheus_client import Counter, Gauge, Histogram
 
 from gateway.proxy import Gateway
+from gateway.tasks import cancel_and_wait
 from pools.admission import AdmissionQueue, concurrency_limit
 from pools.routing import Decision, Policy, RoutingContext, route
 from pools.routing.base import RouteError
@@ -138,11 +138,8 @@ class AdmissionController:
             self._task = asyncio.create_task(self._drain_loop(), name="pythia-admission-drain")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel_and_wait([self._task])
+        self._task = None
         for name, q in self.queues.items():
             while (w := q.pop()) is not None:
                 if not w.item.future.done():

@@ -17,7 +17,6 @@ The JSON endpoint shows this worker's view: its share, the rounded predictive an
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import math
 import os
@@ -31,6 +30,7 @@ from aiohttp import web
 from prometheus_client import Gauge
 
 from gateway.proxy import Gateway
+from gateway.tasks import cancel_and_wait
 from pools.autoscale import (
     PredictiveConfig,
     ReplicaCapacity,
@@ -96,11 +96,8 @@ class AutoscaleSignal:
             self._task = asyncio.create_task(self._loop(), name="pythia-autoscale")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel_and_wait([self._task])
+        self._task = None
 
     # -- per call (sync, on the request's path: dict updates only) ---------------------------------
     def observe_call(self, ctx: RoutingContext, chosen: ReplicaState) -> None:

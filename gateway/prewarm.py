@@ -11,7 +11,6 @@ its replica, so `/metrics` counts warms sent, used and wasted (no call used them
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 
@@ -19,6 +18,7 @@ import orjson
 from prometheus_client import Counter
 
 from gateway.proxy import Gateway
+from gateway.tasks import cancel_and_wait
 from gateway.upstream import UpstreamError
 from pools.prewarm import PrewarmLedger
 from pools.routing import PrewarmAction, RoutingContext
@@ -60,11 +60,7 @@ class PrewarmSender:
         self._tasks.append(asyncio.create_task(self._expire_loop(), name="pythia-prewarm-expire"))
 
     async def stop(self) -> None:
-        for t in self._tasks:
-            t.cancel()
-        for t in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await t
+        await cancel_and_wait(self._tasks)
         self._tasks = []
         self._queue = None
 

@@ -33,6 +33,7 @@ from gateway.metrics import GatewayMetrics
 from gateway.prediction import PredictorLike
 from gateway.settings import Settings
 from gateway.tags import HEADER_NAMES, TagError, read_tags
+from gateway.tasks import cancel_and_wait
 from gateway.upstream import (
     ConnectFailed,
     ConnectTimeout,
@@ -216,11 +217,8 @@ class Gateway:
             await asyncio.sleep(self.settings.metrics_scrape_interval_s)
 
     async def stop(self) -> None:
-        if self._stats_task is not None:
-            self._stats_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._stats_task
-            self._stats_task = None
+        await cancel_and_wait([self._stats_task])
+        self._stats_task = None
         await self.monitor.stop()
         try:
             await self.predictor.stop()

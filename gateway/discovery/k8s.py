@@ -24,6 +24,7 @@ import orjson
 
 from gateway.discovery.config import K8sApiConfig, PoolSelector
 from gateway.discovery.slices import ready_urls
+from gateway.tasks import cancel_and_wait
 
 log = logging.getLogger("pythia.discovery")
 
@@ -117,11 +118,7 @@ class K8sDiscovery:
 
     async def stop(self) -> None:
         """Cancel the watch loops and close the HTTP session."""
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(self._tasks)
         self._tasks = []
         if self._session is not None:
             await self._session.close()
