@@ -108,6 +108,8 @@ def _live_parser(sub: argparse._SubParsersAction, name: str, help_: str) -> argp
     p.add_argument("--no-stream", action="store_true", help="non-streaming requests (TTFT = e2e)")
     p.add_argument("--max-connections", type=int, default=0, help="client connection cap (0 = none: open loop)")
     p.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY", ""))
+    p.add_argument("--admin-api-key", default="",
+                   help="key for a Pythia gateway's /pythia/replicas (default: --api-key)")
     return p
 
 
@@ -128,7 +130,7 @@ async def _live(a: argparse.Namespace, mode: str) -> dict[str, Any]:
         raise SystemExit("pythia-loadgen: the workload produced no workflows (raise --duration or --rate)")
     total_calls = sum(len(w.calls) for w in workflows)
     # a Pythia gateway lists its replicas: diff their counters too (its own /metrics has no vllm: names)
-    urls = list(dict.fromkeys([a.target, *_metrics_urls(a.metrics_url), *await discover_replicas(a.target)]))
+    urls = list(dict.fromkeys([a.target, *_metrics_urls(a.metrics_url), *await discover_replicas(a.target, a.admin_api_key or a.api_key)]))
     before = await scrape(urls)
     cfg = DriverConfig(target=a.target, tagged=not a.untagged, model=a.model, stream=not a.no_stream,
                        request_timeout_s=a.timeout, max_connections=a.max_connections, api_key=a.api_key,

@@ -99,14 +99,15 @@ def counters_delta(before: CounterSnapshot, after: CounterSnapshot) -> EngineCou
     )
 
 
-async def discover_replicas(target: str, timeout_s: float = 3.0) -> list[str]:
-    """Replica URLs behind a Pythia gateway (GET /pythia/replicas); [] for any other server."""
+async def discover_replicas(target: str, api_key: str = "", timeout_s: float = 3.0) -> list[str]:
+    """Replica URLs behind a Pythia gateway (GET /pythia/replicas, with `api_key` if set); [] for any other server."""
     base = target.rstrip("/")
     if base.endswith("/v1"):
         base = base[:-3]
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     try:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout_s)) as s, \
-                s.get(f"{base}/pythia/replicas") as r:
+                s.get(f"{base}/pythia/replicas", headers=headers) as r:
             if r.status != 200:
                 return []
             body = await r.json(content_type=None)

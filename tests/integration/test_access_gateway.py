@@ -121,6 +121,14 @@ async def test_admin_key_guards_pythia_endpoints(cluster: Cluster) -> None:
     assert (await call(url, ADMIN_KEY, None, "/pythia/apps"))[0] == 200
 
 
+async def test_loadgen_lists_replicas_behind_a_keyed_gateway(cluster: Cluster) -> None:
+    from loadgen.scrape import discover_replicas
+
+    url = cluster.gateways[0].url
+    assert await discover_replicas(url) == []  # 401 without the admin key
+    assert await discover_replicas(url, ADMIN_KEY) == [cluster.upstream.url]
+
+
 async def test_request_limit_is_shared_by_two_gateways(cluster: Cluster) -> None:
     key = "sk-rl-" + "0" * 8  # not configured: 401 before any limit
     assert (await call(cluster.gateways[0].url, key, chat()))[0] == 401
