@@ -170,6 +170,16 @@ def _supervise(settings: Settings, pools: list[PoolConfig]) -> int:
     return 0
 
 
+def _raise_open_files_limit() -> None:
+    """Lift the soft open-files limit to the hard one: every held stream costs two descriptors."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard if hard != resource.RLIM_INFINITY else 1 << 20, hard))
+
+
 def main(argv: list[str]) -> int:
     """Entry point of `pythia serve`; returns the process exit status."""
     try:
@@ -188,6 +198,7 @@ def main(argv: list[str]) -> int:
         print("pythia serve: --port 0 needs --workers 1 (workers must share one known port)", file=sys.stderr)
         return 2
     setup_logging(settings.log_level, settings.log_json)
+    _raise_open_files_limit()
     if settings.workers == 1:
         if settings.metrics_dir:
             _setup_metrics_dir(settings)
