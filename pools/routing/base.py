@@ -75,8 +75,9 @@ class RoutingContext:
 
     sampled: tuple[int, ...] | None = None
     # set by the KV-capacity filter: (the list it returned, expected free KV fraction of each after this
-    # call, load of each), so the placement scorer need not read every replica again
-    kv_free: tuple[list[ReplicaState], list[float], list[int]] | None = None
+    # call, load of each, matched prefix blocks of each or None when it did not look), so the placement
+    # scorer need not read every replica again
+    kv_free: tuple[list[ReplicaState], list[float], list[int], list[int] | None] | None = None
 
     def sampled_hashes(self) -> tuple[int, ...]:
         """The prompt's block hashes at the positions the routing index keeps (pools.routing.sampling)."""

@@ -36,8 +36,14 @@ def route(ctx: RoutingContext, view: ClusterView, policy: Policy) -> Decision:
     if len(candidates) == 1 or not policy.scorers:
         totals = [0.0] * len(candidates)
     else:
-        totals = [0.0] * len(candidates)
-        for scorer, weight in policy.scorers:
+        scorers = policy.scorers
+        scorer, weight = scorers[0]
+        # 0.0 + weight * s is weight * s: the first scorer's list is the running total (no zeros list to add
+        # to); a weight of 1.0 leaves it as the scorer returned it
+        totals = scorer.score(ctx, candidates)
+        if weight != 1.0:
+            totals = [weight * s for s in totals]
+        for scorer, weight in scorers[1:]:
             totals = [t + weight * s for t, s in zip(totals, scorer.score(ctx, candidates), strict=True)]
     chosen = candidates[0] if len(candidates) == 1 else policy.picker.pick(ctx, candidates, totals)
     if policy.uses_prefix_index and ctx.features.prefix_hashes:

@@ -32,48 +32,64 @@ class KvCapacityFilter:
         self.max_inflight = max_inflight or 1 << 30  # calls per replica at most (0 = no bound but the KV's)
 
     def filter(self, ctx: RoutingContext, candidates: list[ReplicaState]) -> list[ReplicaState]:
+        # One pass, every replica field read once into a local: this loop runs for every candidate of
+        # every decision, so it is written for CPython's speed (see docs/benchmarks.md, decision cost).
         exp0, bound0, limit = call_kv_expected(ctx), call_kv_bound(ctx), self.max_overflow_probability
         exp, bound = exp0, bound0
-        # prompt tokens each replica already holds (only replicas with a match; computed once, not per candidate)
-        cached_of: dict[str, int] | None = None
-        if self.uncached and ctx.features.prefix_hashes:
-            matched = ctx.matched_blocks()
-            if matched:
-                top = ctx.features.prompt_tokens - 1
-                cached_of = {u: b * TOKENS_PER_BLOCK for u, b in matched.items()}
-                cached_of = {u: (c if c < top else top) for u, c in cached_of.items()}
+        # leading blocks each replica already holds (only replicas with a match), turned into tokens per
+        # candidate below; `top` keeps one prompt token to compute, as vLLM does
+        matched = ctx.matched_blocks() if self.uncached and ctx.features.prefix_hashes else None
+        get_matched = matched.get if matched else None
+        top = ctx.features.prompt_tokens - 1
         out: list[ReplicaState] = []
         free: list[float] = []  # expected free fraction after this call, for the headroom score
         loads: list[int] = []  # and the queue depth, for the queue score
+        # and the leading blocks it holds (its prefix match), when this filter looked them up
+        held: list[int] | None = [] if get_matched is not None else None
+        keep, keep_free, keep_load = out.append, free.append, loads.append
+        keep_held = held.append if held is not None else None
         budget, most = self.kv_budget, self.max_inflight
         for r in candidates:
             cap = r.kv_capacity_tokens
+            inflight = r.inflight
+            running = r.num_running
+            blocks = 0
+            if get_matched is not None:
+                blocks = get_matched(r.url, 0)
             if cap <= 0:
-                out.append(r)
-                free.append(1.0 - r.kv_usage)
-                loads.append(max(r.inflight, r.num_running) + r.num_waiting)
+                keep(r)
+                keep_free(1.0 - r.kv_usage)
+                keep_load((inflight if inflight > running else running) + r.num_waiting)
+                if keep_held is not None:
+                    keep_held(blocks)
                 continue
-            if cached_of is not None:
-                cached = cached_of.get(r.url, 0)
-                exp, bound = exp0 - cached, bound0 - cached
+            if inflight >= most:
+                continue
+            if get_matched is not None:
+                if blocks:
+                    cached = blocks * TOKENS_PER_BLOCK
+                    if cached > top:
+                        cached = top
+                    exp, bound = exp0 - cached, bound0 - cached
+                else:
+                    exp, bound = exp0, bound0
             scraped = r.kv_usage * cap
             reserved = r.reserved_kv_tokens
             expected = r.reserved_kv_expected_tokens or reserved
             used = scraped if scraped > expected else expected
-            f = (cap - used - exp) / cap
             allowed = cap * budget
-            # fast paths: fits even at every bound / overflows even at expected lengths
-            inflight = r.inflight
-            if inflight >= most:
-                continue
+            # fast paths: idle / fits even at every bound; else it must fit at expected lengths and
+            # overflow only rarely at the bounds
             if (
                 inflight == 0
                 or (scraped if scraped > reserved else reserved) + bound <= allowed
                 or (used + exp <= allowed and overflow_probability(r, exp, bound, allowed) < limit)
             ):
-                out.append(r)
-                free.append(f if f > 0.0 else 0.0)
-                running = r.num_running
-                loads.append((inflight if inflight > running else running) + r.num_waiting)
-        ctx.kv_free = (out, free, loads)
+                keep(r)
+                f = (cap - used - exp) / cap
+                keep_free(f if f > 0.0 else 0.0)
+                keep_load((inflight if inflight > running else running) + r.num_waiting)
+                if keep_held is not None:
+                    keep_held(blocks)
+        ctx.kv_free = (out, free, loads, held)
         return out

@@ -13,9 +13,11 @@ class MaxScorePicker:
 
     def pick(self, ctx: RoutingContext, candidates: list[ReplicaState], scores: list[float]) -> ReplicaState:
         best = max(scores)
-        tied = [c for c, s in zip(candidates, scores, strict=True) if s >= best - 1e-9]
-        if len(tied) == 1:
-            return tied[0]
+        floor = best - 1e-9
+        # usually one clear winner: count the near-best scores before building the tied list
+        if len([s for s in scores if s >= floor]) == 1:
+            return candidates[scores.index(best)]
+        tied = [c for c, s in zip(candidates, scores, strict=True) if s >= floor]
         key = tied[0].pool
         n = ctx.state.round_robin.get(key, 0)
         ctx.state.round_robin[key] = n + 1

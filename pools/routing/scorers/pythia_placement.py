@@ -55,10 +55,11 @@ class PythiaPlacementScorer:
         self.prefix_slack_tokens = prefix_slack_tokens
 
     def score(self, ctx: RoutingContext, candidates: list[ReplicaState]) -> list[float]:
-        # list comprehensions, one per signal: the fastest shape CPython offers for these loops
+        # one list comprehension over the candidates: the fastest shape CPython offers for this loop
         stash = ctx.kv_free if ctx.kv_free is not None and ctx.kv_free[0] is candidates else None
+        blocks: list[int] | None = None
         if stash is not None:
-            free, loads = stash[1], stash[2]
+            free, loads, blocks = stash[1], stash[2], stash[3]
         else:
             loads = [max(r.inflight, r.num_running) + r.num_waiting for r in candidates]
             free = self._free(ctx, candidates) if self.headroom_weight else []
@@ -66,32 +67,35 @@ class PythiaPlacementScorer:
         qw, hw, pw = self.queue_weight, self.headroom_weight, self.prefix_weight
         k = qw / (hi - lo) if hi > lo else 0.0
         base = 0.0 if hi > lo else qw
-        if hw:
-            out = [base + (hi - x) * k + hw * (f if f < 1.0 else 1.0) for x, f in zip(loads, free, strict=True)]
-        else:
-            out = [base + (hi - x) * k for x in loads]
         total = len(ctx.features.prefix_hashes)
-        if pw and total:
-            matched = ctx.matched_blocks()
-            if matched:
-                k = pw / total
-                get = matched.get
-                slack = self.prefix_slack
-                per_call = self.prefix_slack_tokens / TOKENS_PER_BLOCK  # matched blocks worth one call
-                if per_call > 0.0:
-                    # slack in calls: `prefix_slack` plus one per `prefix_slack_tokens` matched
-                    out = [
-                        s + m * k * max(0.0, 1.0 - (x - lo) / (slack + m / per_call)) if (m := get(r.url, 0)) else s
-                        for s, r, x in zip(out, candidates, loads, strict=True)
-                    ]
-                elif slack > 0.0:
-                    out = [
-                        s + get(r.url, 0) * k * max(0.0, 1.0 - (x - lo) / slack)
-                        for s, r, x in zip(out, candidates, loads, strict=True)
-                    ]
-                else:
-                    out = [s + get(r.url, 0) * k for s, r in zip(out, candidates, strict=True)]
-        return out
+        matched = ctx.matched_blocks() if pw and total else None
+        if not matched:
+            if hw:
+                return [base + (hi - x) * k + hw * (f if f < 1.0 else 1.0) for x, f in zip(loads, free, strict=True)]
+            return [base + (hi - x) * k for x in loads]
+        if blocks is None:
+            get = matched.get
+            blocks = [get(r.url, 0) for r in candidates]
+        if not hw:
+            free = [0.0] * len(loads)  # headroom ablated: adds hw * f = 0.0 below
+        kp = pw / total
+        slack = self.prefix_slack
+        per_call = self.prefix_slack_tokens / TOKENS_PER_BLOCK  # matched blocks worth one call
+        # queue + headroom, plus the prefix bonus where the replica holds a match (+ 0.0 leaves a score as is)
+        if per_call > 0.0:
+            # load-aware: the bonus fades over `prefix_slack` calls plus one per `prefix_slack_tokens` matched
+            return [
+                base + (hi - x) * k + hw * (f if f < 1.0 else 1.0)
+                + (m * kp * (g if (g := 1.0 - (x - lo) / (slack + m / per_call)) > 0.0 else 0.0) if m else 0.0)
+                for x, f, m in zip(loads, free, blocks, strict=True)
+            ]
+        if slack > 0.0:
+            return [
+                base + (hi - x) * k + hw * (f if f < 1.0 else 1.0)
+                + m * kp * (g if (g := 1.0 - (x - lo) / slack) > 0.0 else 0.0)
+                for x, f, m in zip(loads, free, blocks, strict=True)
+            ]
+        return [base + (hi - x) * k + hw * (f if f < 1.0 else 1.0) + m * kp for x, f, m in zip(loads, free, blocks, strict=True)]
 
     @staticmethod
     def _free(ctx: RoutingContext, candidates: list[ReplicaState]) -> list[float]:
