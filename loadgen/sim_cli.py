@@ -142,7 +142,9 @@ def run_sim_command(
     cap: Capacity | None = None
     if any(x is not None for x in loads):
         cap = _capacity(a, cfg, build, trace_wfs)
-        print(f"capacity: {cap.workflows_per_s:.3f} workflows/s ({cap.requests_per_s:.2f} calls/s)"
+        pools = ", ".join(f"{k} {v:.3f}" for k, v in sorted(cap.per_pool_workflows_per_s.items()))
+        limit = f"; bottleneck pool {cap.bottleneck} (each pool alone: {pools})" if len(cap.per_pool_workflows_per_s) > 1 else ""
+        print(f"capacity: {cap.workflows_per_s:.3f} workflows/s ({cap.requests_per_s:.2f} calls/s){limit}"
               f"{' (cached)' if cap.cached else ''}", file=sys.stderr)
     results: dict[str, dict[str, Any]] = {}
     runs = [(p, ld) for ld in loads for p in policies]
