@@ -103,3 +103,19 @@ def test_cli_errors_are_clear(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     assert "bad.jsonl:2: not valid JSON" in capsys.readouterr().err
     assert main(["simulate", "--workload", "chat", "--rate", "1", "--workflows", "2", "--policy", "nope"]) == 2
     assert "unknown policy 'nope'" in capsys.readouterr().err
+
+
+def test_capacity_is_set_by_the_bottleneck_pool(tmp_path: Path) -> None:
+    from loadgen.calibrate import measure_capacity
+    from loadgen.simulate import PoolSpec
+    from loadgen.workload import expand_workload
+
+    mix = tmp_path / "mix.yaml"
+    mix.write_text("name: mix\napp: mix\nmix:\n  chat: 0.7\n  doc_qa: 0.3\n")
+    cfg = SimConfig(pools=[PoolSpec("short", 3, 16384), PoolSpec("long", 1, 131072)])
+    opts = ExpandOptions(output_scale=0.3)
+    cap = measure_capacity(lambda k: expand_workload(str(mix), k, 1, opts), cfg, 60)
+    # one long replica for the documents, three short ones for the chats: the long pool limits the cluster
+    assert cap.bottleneck == "long"
+    assert cap.per_pool_workflows_per_s["short"] > cap.per_pool_workflows_per_s["long"]
+    assert cap.workflows_per_s == cap.per_pool_workflows_per_s["long"]
