@@ -88,8 +88,7 @@ class RoutingContext:
     def matched_blocks(self) -> dict[str, int]:
         """Leading prompt blocks each replica holds (to the index's sampled resolution), computed once."""
         if self.prefix_match is None:
-            m = self.state.prefix_index.match(self.sampled_hashes())
-            self.prefix_match = {u: BLOCKS_FOR[k] for u, k in m.items()} if m else m
+            self.prefix_match = self.state.prefix_index.match_mapped(self.sampled_hashes(), BLOCKS_FOR)
         return self.prefix_match
 
 

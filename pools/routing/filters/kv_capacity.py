@@ -35,49 +35,45 @@ class KvCapacityFilter:
         # One pass, every replica field read once into a local: this loop runs for every candidate of
         # every decision, so it is written for CPython's speed (see docs/benchmarks.md, decision cost).
         exp0, bound0, limit = call_kv_expected(ctx), call_kv_bound(ctx), self.max_overflow_probability
-        exp, bound = exp0, bound0
         # leading blocks each replica already holds (only replicas with a match), turned into tokens per
         # candidate below; `top` keeps one prompt token to compute, as vLLM does
         matched = ctx.matched_blocks() if self.uncached and ctx.features.prefix_hashes else None
-        get_matched = matched.get if matched else None
+        get_matched = (matched or _NONE).get
         top = ctx.features.prompt_tokens - 1
         out: list[ReplicaState] = []
         free: list[float] = []  # expected free fraction after this call, for the headroom score
         loads: list[int] = []  # and the queue depth, for the queue score
-        # and the leading blocks it holds (its prefix match), when this filter looked them up
-        held: list[int] | None = [] if get_matched is not None else None
-        keep, keep_free, keep_load = out.append, free.append, loads.append
-        keep_held = held.append if held is not None else None
+        held: list[int] = []  # and the leading blocks it holds (its prefix match)
+        keep, keep_free, keep_load, keep_held = out.append, free.append, loads.append, held.append
         budget, most = self.kv_budget, self.max_inflight
+        whole = budget == 1.0  # cap * 1.0 compares and subtracts exactly as cap does
         for r in candidates:
             cap = r.kv_capacity_tokens
             inflight = r.inflight
-            running = r.num_running
-            blocks = 0
-            if get_matched is not None:
-                blocks = get_matched(r.url, 0)
+            load = r.num_running
+            if load < inflight:
+                load = inflight
+            blocks = get_matched(r.url, 0)
             if cap <= 0:
                 keep(r)
                 keep_free(1.0 - r.kv_usage)
-                keep_load((inflight if inflight > running else running) + r.num_waiting)
-                if keep_held is not None:
-                    keep_held(blocks)
+                keep_load(load + r.num_waiting)
+                keep_held(blocks)
                 continue
             if inflight >= most:
                 continue
-            if get_matched is not None:
-                if blocks:
-                    cached = blocks * TOKENS_PER_BLOCK
-                    if cached > top:
-                        cached = top
-                    exp, bound = exp0 - cached, bound0 - cached
-                else:
-                    exp, bound = exp0, bound0
+            if blocks:
+                cached = blocks * TOKENS_PER_BLOCK
+                if cached > top:
+                    cached = top
+                exp, bound = exp0 - cached, bound0 - cached
+            else:
+                exp, bound = exp0, bound0
             scraped = r.kv_usage * cap
             reserved = r.reserved_kv_tokens
             expected = r.reserved_kv_expected_tokens or reserved
             used = scraped if scraped > expected else expected
-            allowed = cap * budget
+            allowed = cap if whole else cap * budget
             # fast paths: idle / fits even at every bound; else it must fit at expected lengths and
             # overflow only rarely at the bounds
             if (
@@ -88,8 +84,10 @@ class KvCapacityFilter:
                 keep(r)
                 f = (cap - used - exp) / cap
                 keep_free(f if f > 0.0 else 0.0)
-                keep_load((inflight if inflight > running else running) + r.num_waiting)
-                if keep_held is not None:
-                    keep_held(blocks)
-        ctx.kv_free = (out, free, loads, held)
+                keep_load(load + r.num_waiting)
+                keep_held(blocks)
+        ctx.kv_free = (out, free, loads, held if matched else None)
         return out
+
+
+_NONE: dict[str, int] = {}  # no prefix match to look up
