@@ -25,7 +25,7 @@ import functools
 import logging
 import socket
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from email.utils import formatdate
 from http import HTTPStatus
 from typing import Any, cast
@@ -45,6 +45,7 @@ LINGER_S = 2.0  # after a 413: how long to drop the rest of the refused body bef
 READ_PAUSE_BYTES = 1 << 20  # unprocessed (pipelined) bytes at which we stop reading the socket
 _REASONS = {s.value: s.phrase.encode() for s in HTTPStatus}
 _SKIP_RESPONSE_HEADERS = frozenset(("content-length", "transfer-encoding", "connection", "date", "server"))
+_NO_HEADERS: Mapping[str, str] = {}
 
 Handler = Callable[[Any], Awaitable[web.StreamResponse]]
 
@@ -156,6 +157,21 @@ class FastRequest:
         """A streamed (chunked) answer on this connection; its status and headers leave with its first bytes."""
         return FastStreamResponse(self._proto, status, headers, self.version >= (1, 1))
 
+    def raw_stream_response(self, status: int, header_lines: bytes) -> FastStreamResponse:
+        """`stream_response` with the headers as ready `Name: value\\r\\n` lines (no header map built)."""
+        return FastStreamResponse(self._proto, status, None, self.version >= (1, 1), header_lines)
+
+    def raw_response(self, status: int, header_lines: bytes, body: bytes) -> FastRawResponse:
+        """A whole answer with its headers as ready `Name: value\\r\\n` lines, written in one send."""
+        return FastRawResponse(status, header_lines, body)
+
+    def tag_headers(self) -> Mapping[str, str]:
+        """Only the X-Pythia-* headers (case-insensitive), without building the whole header map."""
+        found = [(k, v) for k, v in self.raw_headers if k[:9].lower() == b"x-pythia-"]
+        if not found:
+            return _NO_HEADERS
+        return CIMultiDict([(k.decode("latin-1"), v.decode("latin-1")) for k, v in found])
+
     def __getitem__(self, key: Any) -> Any:
         if self._store is None:
             raise KeyError(key)
@@ -170,6 +186,19 @@ class FastRequest:
         return default if self._store is None else self._store.get(key, default)
 
 
+class FastRawResponse(web.StreamResponse):
+    """A whole answer for the fast path: status, raw header lines and body, written as one send.
+
+    Subclasses aiohttp's StreamResponse only so that handlers and middlewares may return it where
+    one is expected; its __init__ is skipped on purpose (no header map, cookies or state per call).
+    """
+
+    def __init__(self, status: int, header_lines: bytes, body: bytes) -> None:
+        self._status = status
+        self.header_lines = header_lines
+        self.raw_body = body
+
+
 class FastStreamResponse(web.StreamResponse):
     """A streamed answer written straight to the connection (chunked on HTTP/1.1, else ended by closing).
 
@@ -177,8 +206,16 @@ class FastStreamResponse(web.StreamResponse):
     none of aiohttp's writing machinery is used.
     """
 
-    def __init__(self, proto: FastProtocol, status: int, headers: CIMultiDict[str], chunked: bool) -> None:
+    def __init__(
+        self,
+        proto: FastProtocol,
+        status: int,
+        headers: CIMultiDict[str] | None,
+        chunked: bool,
+        header_lines: bytes | None = None,
+    ) -> None:
         super().__init__(status=status, headers=headers)
+        self._lines = header_lines
         self._proto_ = proto
         self._chunked_ = chunked
         self._head: bytes | None = None
@@ -192,7 +229,7 @@ class FastStreamResponse(web.StreamResponse):
                 proto.keep_alive = False
             self._head = (
                 b"HTTP/1.1 %d %s\r\n" % (self.status, _REASONS.get(self.status, b"Unknown"))
-                + _header_lines(self.headers.items())
+                + (self._lines if self._lines is not None else _header_lines(self.headers.items()))
                 + _Date.get()
                 + (b"Transfer-Encoding: chunked\r\n" if self._chunked_ else b"")
                 + (b"" if proto.keep_alive and not proto.server.closing else b"Connection: close\r\n")
@@ -563,7 +600,9 @@ class FastProtocol(asyncio.Protocol):
                     status=500, body=error_body(500, "internal_error", "internal error"), content_type="application/json"
                 )
                 self.keep_alive = False
-            if isinstance(resp, FastStreamResponse):
+            if type(resp) is FastRawResponse:
+                self._write_raw(resp)
+            elif isinstance(resp, FastStreamResponse):
                 if not self.stream_finished:
                     self.keep_alive = False  # a stream that did not end cleanly: only closing tells the client
             else:
@@ -589,6 +628,20 @@ class FastProtocol(asyncio.Protocol):
             self.transport.resume_reading()
         if self._buf:
             self._process()
+
+    def _write_raw(self, resp: FastRawResponse) -> None:
+        t = self.transport
+        if t is None or self.lost or t.is_closing():
+            return
+        body = resp.raw_body
+        status = resp._status
+        t.write(
+            b"HTTP/1.1 %d %s\r\n%sContent-Length: %d\r\n%s%s\r\n%s"
+            % (
+                status, _REASONS.get(status, b"Unknown"), resp.header_lines, len(body), _Date.get(),
+                b"" if self.keep_alive and not self.server.closing else b"Connection: close\r\n", body,
+            )
+        )  # fmt: skip
 
     def _write_response(self, resp: web.StreamResponse) -> None:
         t = self.transport

@@ -48,6 +48,19 @@ def _choice_text(obj: Any, chat: bool) -> str:
     return text if isinstance(text, str) else ""
 
 
+def answer_usage_and_fingerprint(data: bytes, chat: bool) -> tuple[dict[str, Any] | None, str]:
+    """A non-streamed answer's `usage` object (None when absent or not an object) and its text's fingerprint.
+
+    One parse for both: untagged calls need the fingerprint, and then the usage comes for free.
+    """
+    try:
+        obj = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return None, ""
+    usage = obj.get("usage") if isinstance(obj, dict) else None
+    return (usage if isinstance(usage, dict) else None), output_fingerprint(_choice_text(obj, chat))
+
+
 def answer_fingerprint(data: bytes, chat: bool) -> str:
     """Fingerprint of the first characters of a non-streamed answer's text ("" when unreadable)."""
     try:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import os
+from typing import Any
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -69,28 +70,44 @@ class GatewayMetrics:
         self._e2e: dict[str, list[float]] = {}
         self._inflight: dict[str, LocalGauge] = {}
         self._armed = False
+        # labelled children, looked up once: `labels()` costs more than the increment it precedes
+        self._req_children: dict[tuple[str, str, int], Any] = {}
+        self._hist_children: dict[tuple[int, str], Any] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     def _arm(self) -> None:
         if not self._armed:
             self._armed = True
-            try:
-                asyncio.get_running_loop().call_soon(self.flush)
-            except RuntimeError:  # no loop (scripts, unit tests): publish now
-                self.flush()
+            loop = self._loop
+            if loop is None or loop.is_closed():
+                try:
+                    loop = self._loop = asyncio.get_running_loop()
+                except RuntimeError:  # no loop (scripts, unit tests): publish now
+                    self.flush()
+                    return
+            loop.call_soon(self.flush)
 
     def flush(self) -> None:
         """Publish what the hot path counted since the last flush to the Prometheus values."""
         self._armed = False
         if self._req:
             pending, self._req = self._req, {}
-            for (pool, replica, status), n in pending.items():
-                self.requests.labels(pool, replica, str(status)).inc(n)
+            children = self._req_children
+            for key, n in pending.items():
+                child = children.get(key)
+                if child is None:
+                    child = children[key] = self.requests.labels(key[0], key[1], str(key[2]))
+                child.inc(n)
         for hist, pend in ((self.ttft, self._ttft), (self.e2e, self._e2e)):
             if pend:
                 items = list(pend.items())
                 pend.clear()
                 for pool, counts in items:
-                    _add_to_histogram(hist.labels(pool), counts)
+                    hkey = (id(hist), pool)
+                    child = self._hist_children.get(hkey)
+                    if child is None:
+                        child = self._hist_children[hkey] = hist.labels(pool)
+                    _add_to_histogram(child, counts)
         for g in self._inflight.values():
             if g.value != g.published:
                 g.published = g.value
@@ -100,6 +117,26 @@ class GatewayMetrics:
         key = (pool, replica, status)
         self._req[key] = self._req.get(key, 0) + 1
         self._arm()
+
+    def request_finished(self, pool: str, replica: str, status: int, ttft: float, e2e: float) -> None:
+        """A proxied call ended: its count, its TTFT (when `ttft` >= 0) and its end-to-end time, in one call."""
+        key = (pool, replica, status)
+        req = self._req
+        req[key] = req.get(key, 0) + 1
+        bounds = self._bounds
+        if ttft >= 0:
+            counts = self._ttft.get(pool)
+            if counts is None:
+                counts = self._ttft[pool] = [0.0] * (len(bounds) + 1)  # buckets, then the sum
+            counts[bisect.bisect_left(bounds, ttft)] += 1
+            counts[-1] += ttft
+        counts = self._e2e.get(pool)
+        if counts is None:
+            counts = self._e2e[pool] = [0.0] * (len(bounds) + 1)
+        counts[bisect.bisect_left(bounds, e2e)] += 1
+        counts[-1] += e2e
+        if not self._armed:
+            self._arm()
 
     def _observe(self, pend: dict[str, list[float]], pool: str, seconds: float) -> None:
         counts = pend.get(pool)
@@ -149,11 +186,13 @@ class LocalGauge:
 
     def inc(self) -> None:
         self.value += 1
-        self.metrics._arm()
+        if not self.metrics._armed:
+            self.metrics._arm()
 
     def dec(self) -> None:
         self.value -= 1
-        self.metrics._arm()
+        if not self.metrics._armed:
+            self.metrics._arm()
 
 
 def _add_to_histogram(child: Histogram, counts: list[float]) -> None:

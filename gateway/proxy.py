@@ -24,7 +24,7 @@ from gateway.errors import error_response, sse_error_event
 from gateway.features import (
     KEEP_STREAM_BYTES,
     add_predictor_inputs,
-    answer_fingerprint,
+    answer_usage_and_fingerprint,
     stream_fingerprint,
     wants_linking,
 )
@@ -289,7 +289,9 @@ class Gateway:
         if not isinstance(body, dict):
             return self._reject(400, "invalid_request", "request body must be a JSON object")
         try:
-            tags, changed = read_tags(request.headers, body, self._tag_len)
+            # the fast path hands over only the X-Pythia-* headers (no header map built per call)
+            tag_headers = getattr(request, "tag_headers", None)
+            tags, changed = read_tags(request.headers if tag_headers is None else tag_headers(), body, self._tag_len)
             features = extract_features(body, chat, t0)
             if chat:
                 add_predictor_inputs(features, body, wants_linking(tags))
@@ -490,14 +492,19 @@ class Gateway:
             self.metrics.request_done(decision.pool, replica.url, 499)
             self._finish_span(span, 499)
             raise
-        now = time.monotonic()
-        e2e = now - features.arrival_s
-        self.metrics.request_done(decision.pool, replica.url, status)
-        if ttft >= 0:
-            self.metrics.observe_ttft(decision.pool, ttft)
-        self.metrics.observe_e2e(decision.pool, e2e)
-        self._finish_span(span, status)
+        self.metrics.request_finished(decision.pool, replica.url, status, ttft, time.monotonic() - features.arrival_s)
+        if span is not None:
+            self._finish_span(span, status)
         return return_value
+
+    def _response_header_lines(self, resp: UpstreamResponse, decision: Decision, replica: ReplicaState) -> bytes:
+        """The upstream's response headers to pass on, as raw lines (for the fast server path)."""
+        lines = b"".join([b"%s: %s\r\n" % (k, v) for k, v in resp.raw_headers if k.lower() not in _DROP_RESPONSE_RAW])
+        if self._routing_headers:
+            lines += b"x-pythia-pool: %s\r\nx-pythia-replica: %s\r\n" % (
+                decision.pool.encode("latin-1"), replica.url.encode("latin-1"),
+            )  # fmt: skip
+        return lines
 
     def _response_headers(self, resp: UpstreamResponse, decision: Decision, replica: ReplicaState) -> CIMultiDict[str]:
         headers: CIMultiDict[str] = CIMultiDict()
@@ -519,7 +526,9 @@ class Gateway:
     ) -> tuple[web.StreamResponse, int, float]:
         """Send the upstream answer to the client; returns (response, status for metrics, ttft or -1)."""
         features = ctx.features
-        headers = self._response_headers(resp, decision, replica)
+        # the fast server path (gateway.fastpath) takes raw header lines: no header map per call
+        raw_response = getattr(request, "raw_response", None)
+        raw_stream = getattr(request, "raw_stream_response", None)
         status = resp.status
         try:
             ctype = resp.header(b"content-type") or b""
@@ -532,12 +541,20 @@ class Gateway:
                     return error_response(st, code, f"upstream failed: {e}"), st, -1.0
                 ttft = time.monotonic() - features.arrival_s
                 out_fp = ""
-                if status < 400 and wants_linking(ctx.tags):
-                    out_fp = answer_fingerprint(data, bool(features.messages))
-                usage = find_usage(data) if status < 400 else None
+                usage = None
+                if status < 400:
+                    if wants_linking(ctx.tags):  # parse the answer once for both its text and its usage
+                        usage, out_fp = answer_usage_and_fingerprint(data, bool(features.messages))
+                        if usage is None:
+                            usage = find_usage(data)
+                    else:
+                        usage = find_usage(data)
                 self._observe(ctx, decision, replica, status < 400, usage, 0, ttft, out_fp)
                 if self.log_payload is not None:
                     self.log_payload(request, data)
+                if raw_response is not None:
+                    return raw_response(status, self._response_header_lines(resp, decision, replica), data), status, ttft
+                headers = self._response_headers(resp, decision, replica)
                 return web.Response(status=status, body=data, headers=headers), status, ttft
             try:
                 chunk = await resp.next_chunk()
@@ -547,8 +564,11 @@ class Gateway:
                 return error_response(st, code, f"upstream failed: {e}"), st, -1.0
             ttft = time.monotonic() - features.arrival_s
             # the fast server path (gateway.fastpath) writes streams to its own connection
-            make_stream = getattr(request, "stream_response", None)
-            out = make_stream(status, headers) if make_stream is not None else _SSEResponse(status=status, headers=headers)
+            out: web.StreamResponse
+            if raw_stream is not None:
+                out = raw_stream(status, self._response_header_lines(resp, decision, replica))
+            else:
+                out = _SSEResponse(status=status, headers=self._response_headers(resp, decision, replica))
             events = 0
             prev = last = b""
             ok = True
