@@ -34,6 +34,33 @@ from predictor.sketch import LogSketch
 END = "$end"
 K_MAX = 12
 
+# Parsed form of the keys every call learns: (kind, role, int field, str field). Parsing a key
+# (split, int) cost about as much as applying it; the same keys come back call after call.
+_ROLE_KINDS = frozenset(("C", "OS", "PS", "X", "XN", "S"))  # KIND|R
+_BUCKET_KINDS = frozenset(("O", "P"))  # KIND|R|b
+_PAIR_KINDS = frozenset(("FP", "CR", "CN"))  # KIND|R|x
+_PARSED: dict[str, tuple[str, str, int, str]] = {}
+_PARSED_MAX = 65536  # distinct keys remembered (then the cache starts over)
+
+
+def _parse(key: str) -> tuple[str, str, int, str] | None:
+    """The fast path's parse of a well-formed key of a frequent kind, else None."""
+    p = key.split("|")
+    kind = p[0]
+    n = len(p)
+    if n == 2 and kind in _ROLE_KINDS:
+        return kind, p[1], 0, ""
+    if n == 3 and kind in _PAIR_KINDS:
+        return kind, p[1], 0, p[2]
+    try:
+        if n == 3 and kind in _BUCKET_KINDS:
+            return kind, p[1], int(p[2]), ""
+        if n == 4 and kind == "T":
+            return kind, p[1], int(p[2]), p[3]
+    except ValueError:
+        return None
+    return None
+
 
 def clean_role(role: str) -> str:
     """A role name safe inside a counter key."""
@@ -125,6 +152,59 @@ class AppModel:
 
     def apply(self, key: str, delta: float) -> None:
         """Add `delta` to one counter and to the index it feeds; unknown keys are only counted."""
+        op = _PARSED.get(key)
+        if op is None:
+            op = _parse(key)
+            if op is None:  # a rarer kind, or a malformed key: the general path
+                self._apply_general(key, delta)
+                return
+            if len(_PARSED) >= _PARSED_MAX:
+                _PARSED.clear()
+            _PARSED[key] = op
+        # the kinds every call learns, from a cached parse of the key (same effect as _apply_general)
+        counts = self.counts
+        counts[key] = counts.get(key, 0.0) + delta
+        self.version += 1
+        kind, name, n, other = op
+        r = self.roles.get(name)
+        if r is None:
+            r = self.roles[name] = RoleStats()
+        r.updates += 1
+        if kind == "C":
+            r.calls += delta
+        elif kind == "O":
+            r.output.add_bucket(n, delta)
+        elif kind == "OS":
+            r.output.sum += delta
+        elif kind == "P":
+            r.prompt.add_bucket(n, delta)
+        elif kind == "PS":
+            r.prompt.sum += delta
+        elif kind == "FP":
+            r.fingerprints[other] = r.fingerprints.get(other, 0.0) + delta
+            fr = self.fp_roles.get(other)
+            if fr is None:
+                fr = self.fp_roles[other] = {}
+            fr[name] = fr.get(name, 0.0) + delta
+        elif kind == "T":
+            st = self.state(name, n)
+            st.updates += 1
+            st.trans[other] = st.trans.get(other, 0.0) + delta
+            rt = self.role_trans.setdefault(name, {})
+            rt[other] = rt.get(other, 0.0) + delta
+        elif kind == "X":
+            r.context_sum += delta
+        elif kind == "XN":
+            r.context_n += delta
+        elif kind == "CR":
+            r.carry_sum[other] = r.carry_sum.get(other, 0.0) + delta
+        elif kind == "CN":
+            r.carry_n[other] = r.carry_n.get(other, 0.0) + delta
+        elif kind == "S":
+            r.starts += delta
+
+    def _apply_general(self, key: str, delta: float) -> None:
+        """`apply` for any key: parsed each time; malformed keys are counted and otherwise ignored."""
         self.counts[key] = self.counts.get(key, 0.0) + delta
         self.version += 1
         p = key.split("|")
