@@ -1,5 +1,6 @@
 """Wires the Pythia mechanisms that need I/O into a gateway app: admission queue, pre-warm sender,
-autoscaling signal (`GET /pythia/autoscale`, `pythia_pool_desired_replicas`). One call from build_app."""
+autoscaling signal (`GET /pythia/autoscale`, `pythia_pool_desired_replicas`), and the TTL of the router's
+per-workflow state. One call from build_app."""
 
 from __future__ import annotations
 
@@ -9,10 +10,12 @@ from gateway.admission import AdmissionController, admission_enabled
 from gateway.autoscale import AutoscaleSignal
 from gateway.prewarm import PrewarmSender
 from gateway.proxy import Gateway
+from gateway.workflow_ttl import WorkflowStateReaper
 
 ADMISSION_KEY = web.AppKey("pythia_admission", AdmissionController)
 PREWARM_KEY = web.AppKey("pythia_prewarm", PrewarmSender)
 AUTOSCALE_KEY = web.AppKey("pythia_autoscale", AutoscaleSignal)
+WORKFLOW_TTL_KEY = web.AppKey("pythia_workflow_ttl", WorkflowStateReaper)
 
 
 def install_pythia_mechanisms(app: web.Application, gw: Gateway) -> None:
@@ -30,7 +33,11 @@ def install_pythia_mechanisms(app: web.Application, gw: Gateway) -> None:
     autoscale.install()
     app[AUTOSCALE_KEY] = autoscale
     app.router.add_get("/pythia/autoscale", autoscale.handle)
-    parts = [x for x in (admission, prewarm, autoscale) if x is not None]
+    # bounded memory: the router's per-workflow maps forget workflows idle for PYTHIA_WORKFLOW_TTL_S
+    reaper = WorkflowStateReaper(gw.routing_state, s.workflow_ttl_s)
+    gw.policy.after_pick = (*gw.policy.after_pick, reaper.touch)
+    app[WORKFLOW_TTL_KEY] = reaper
+    parts = [x for x in (admission, prewarm, autoscale, reaper) if x is not None]
 
     async def start(app: web.Application) -> None:
         for x in parts:

@@ -94,6 +94,9 @@ class Settings(BaseSettings):
     autoscale_target_utilization: float = Field(0.75, gt=0, le=1, description="replica utilisation to size pools for")
     autoscale_output_tokens_per_s: float = Field(500.0, gt=0, description="decode tokens/s one replica sustains")
     autoscale_prefill_tokens_per_s: float = Field(25000.0, gt=0, description="prefill tokens/s one replica sustains")
+    workflow_ttl_s: float = Field(
+        900.0, gt=0, description="the router forgets a workflow's pool pin, last replica and start after this long without a call"
+    )
 
     @field_validator("log_level")
     @classmethod
