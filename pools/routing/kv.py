@@ -33,6 +33,20 @@ def output_expected(ctx: RoutingContext) -> int:
     return min(bound, math.ceil(e)) if e > 0 else bound
 
 
+def call_kv(ctx: RoutingContext) -> tuple[int, int]:
+    """(`call_kv_bound`, `call_kv_expected`) in one go: the output bound is worked out once."""
+    f, p = ctx.features, ctx.prediction
+    mt = f.max_tokens
+    b = p.output_tokens_bound
+    if b <= 0:
+        b = mt if mt is not None else DEFAULT_OUTPUT_BOUND
+    elif mt is not None and mt < b:
+        b = mt
+    e = p.output_tokens_expected
+    prompt = f.prompt_tokens
+    return prompt + b, prompt + (min(b, math.ceil(e)) if e > 0 else b)
+
+
 def call_kv_bound(ctx: RoutingContext) -> int:
     """KV tokens this call may occupy at its output bound."""
     return ctx.features.prompt_tokens + output_bound(ctx)

@@ -62,18 +62,20 @@ def predicted_peak_pool(
     workflow (the prediction was wrong).
     Cold predictions size by the current call.
     """
+    f = ctx.features
+    now_need = f.prompt_tokens + (f.max_tokens or 1)
+    wf = ctx.prediction.workflow or ctx.tags.workflow  # workflow_id(ctx), inline: every call asks
+    state = ctx.state
+    pinned = state.workflow_pool.get(wf) if wf else None
+    if pinned is not None:
+        # the common case, a later call of a pinned workflow: its pool if it serves the model and holds the call
+        model = f.model
+        for p in view.pools:
+            if p.name == pinned and p.max_context_tokens >= now_need and (not model or model in p.models):
+                return p
     pools = serving_pools(ctx, view)
     if isinstance(pools, RouteError):
         return pools
-    now_need = ctx.features.prompt_tokens + (ctx.features.max_tokens or 1)
-    wf = workflow_id(ctx)
-    state = ctx.state
-    if wf:
-        pinned = state.workflow_pool.get(wf)
-        if pinned is not None:
-            for p in pools:
-                if p.name == pinned and p.max_context_tokens >= now_need:
-                    return p
     fitting = [p for p in pools if p.max_context_tokens >= now_need]
     if not fitting:
         return smallest_fitting_pool(ctx, view)

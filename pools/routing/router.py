@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pools.routing.base import Decision, Policy, RouteError, RoutingContext
-from pools.routing.kv import cached_prompt_tokens, call_kv_bound, call_kv_expected
+from pools.routing.kv import cached_prompt_tokens, call_kv
 from pools.types import ClusterView
 
 NO_REPLICA_RETRY_AFTER_S = 1.0
@@ -53,12 +53,13 @@ def route(ctx: RoutingContext, view: ClusterView, policy: Policy) -> Decision:
     priority = policy.priority(ctx) if policy.priority is not None else ctx.features.priority
     prewarm = policy.actions(ctx, view, chosen) if policy.actions is not None else ()
     cached = cached_prompt_tokens(ctx, chosen.url) if policy.reserve_uncached else 0
+    kv_bound, kv_expected = call_kv(ctx)
     return Decision(
         pool=pool.name,
         replica=chosen.url,
         priority=priority,
         prewarm=prewarm,
         reason=policy.picker.name,
-        kv_reserve_tokens=call_kv_bound(ctx) - cached,
-        kv_expected_tokens=call_kv_expected(ctx) - cached,
+        kv_reserve_tokens=kv_bound - cached,
+        kv_expected_tokens=kv_expected - cached,
     )

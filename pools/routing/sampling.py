@@ -10,7 +10,8 @@ budget of tens of microseconds, whatever the prompt length.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from operator import itemgetter
 
 from pools.prefix_hash import MAX_BLOCKS
 
@@ -30,6 +31,11 @@ POSITIONS: tuple[int, ...] = _positions()
 _COUNT: list[int] = [sum(1 for p in POSITIONS if p < n) for n in range(MAX_BLOCKS + 1)]
 # BLOCKS_FOR[k]: leading blocks covered by the first k sampled positions
 BLOCKS_FOR: list[int] = [0, *(p + 1 for p in POSITIONS)]
+# _TAKE[k](hashes): the hashes at the first k sampled positions, as a tuple (one C call per prompt);
+# only k >= 9 is ever asked for (shorter prompts are kept whole)
+_TAKE: dict[int, Callable[[Sequence[int]], tuple[int, ...]]] = {
+    k: itemgetter(*POSITIONS[:k]) for k in range(2, len(POSITIONS) + 1)
+}
 # index entries per block of KV, for a typical agent context of a few thousand to 20k tokens
 ENTRIES_PER_BLOCK = 0.1
 
@@ -39,8 +45,7 @@ def sampled(hashes: Sequence[int]) -> tuple[int, ...]:
     n = len(hashes)
     if n <= 8:
         return tuple(hashes)
-    k = _COUNT[min(n, MAX_BLOCKS)]
-    return tuple([hashes[p] for p in POSITIONS[:k]])
+    return _TAKE[_COUNT[min(n, MAX_BLOCKS)]](hashes)
 
 
 def blocks_for(samples_matched: int) -> int:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pools.routing.base import RoutingContext
-from pools.routing.kv import TOKENS_PER_BLOCK, call_kv_bound, call_kv_expected, overflow_probability
+from pools.routing.kv import TOKENS_PER_BLOCK, call_kv, overflow_probability
 from pools.types import ReplicaState
 
 
@@ -34,7 +34,8 @@ class KvCapacityFilter:
     def filter(self, ctx: RoutingContext, candidates: list[ReplicaState]) -> list[ReplicaState]:
         # One pass, every replica field read once into a local: this loop runs for every candidate of
         # every decision, so it is written for CPython's speed (see docs/benchmarks.md, decision cost).
-        exp0, bound0, limit = call_kv_expected(ctx), call_kv_bound(ctx), self.max_overflow_probability
+        bound0, exp0 = call_kv(ctx)
+        limit = self.max_overflow_probability
         # leading blocks each replica already holds (only replicas with a match), turned into tokens per
         # candidate below; `top` keeps one prompt token to compute, as vLLM does
         matched = ctx.matched_blocks() if self.uncached and ctx.features.prefix_hashes else None
