@@ -118,15 +118,13 @@ class PrefixIndex:
         clear = ~self._bit[replica]
         owners_of = self._owners
         pop = lru.popitem
-        while len(lru) > cap:
-            h, _ = pop(False)
-            m = owners_of.get(h)
-            if m is not None:
-                m &= clear
-                if m:
-                    owners_of[h] = m
-                else:
-                    del owners_of[h]
+        for _ in range(len(lru) - cap):
+            h = pop(False)[0]
+            m = owners_of[h] & clear  # every hash in a replica's LRU has that replica's bit set
+            if m:
+                owners_of[h] = m
+            else:
+                del owners_of[h]
 
     def _assign_bit(self, replica: str) -> int:
         if self._free_bits:

@@ -13,4 +13,6 @@ class HealthyFilter:
 
     def filter(self, ctx: RoutingContext, candidates: list[ReplicaState]) -> list[ReplicaState]:
         exclude = ctx.exclude
+        if not exclude:  # the usual first try: no URL to look up per replica
+            return [r for r in candidates if r.healthy]
         return [r for r in candidates if r.healthy and r.url not in exclude]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from pools.routing.base import RoutingContext
 from pools.types import ReplicaState
 
@@ -14,10 +16,15 @@ class MaxScorePicker:
     def pick(self, ctx: RoutingContext, candidates: list[ReplicaState], scores: list[float]) -> ReplicaState:
         best = max(scores)
         floor = best - 1e-9
-        # usually one clear winner: count the near-best scores before building the tied list
-        if len([s for s in scores if s >= floor]) == 1:
-            return candidates[scores.index(best)]
+        # usually one clear winner: the runner-up (the best of the rest, in C) is below the tie margin
+        i = scores.index(best)
+        rest = scores.copy()
+        rest[i] = -math.inf
+        if max(rest) < floor:
+            return candidates[i]
         tied = [c for c, s in zip(candidates, scores, strict=True) if s >= floor]
+        if len(tied) == 1:
+            return tied[0]
         key = tied[0].pool
         n = ctx.state.round_robin.get(key, 0)
         ctx.state.round_robin[key] = n + 1
