@@ -27,6 +27,10 @@ from prometheus_client import multiprocess as prom_mp
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 METRICS_SETTLE_S = 0.05  # /metrics waits this long for other workers' pending counts (published each loop iteration)
+# Publishing is batched: the first count after a quiet spell is published at the end of its loop
+# iteration; while busy, at most once per FLUSH_INTERVAL_S (well inside METRICS_SETTLE_S), so a
+# request does not pay for a publish of its own at low concurrency either.
+FLUSH_INTERVAL_S = 0.01
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 
 
@@ -74,6 +78,7 @@ class GatewayMetrics:
         self._req_children: dict[tuple[str, str, int], Any] = {}
         self._hist_children: dict[tuple[int, str], Any] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._next_flush = 0.0  # loop time before which a new batch waits (FLUSH_INTERVAL_S after the last)
 
     def _arm(self) -> None:
         if not self._armed:
@@ -85,11 +90,18 @@ class GatewayMetrics:
                 except RuntimeError:  # no loop (scripts, unit tests): publish now
                     self.flush()
                     return
-            loop.call_soon(self.flush)
+            wait = self._next_flush - loop.time()
+            if wait > 0:
+                loop.call_later(wait, self.flush)
+            else:
+                loop.call_soon(self.flush)
 
     def flush(self) -> None:
         """Publish what the hot path counted since the last flush to the Prometheus values."""
         self._armed = False
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            self._next_flush = loop.time() + FLUSH_INTERVAL_S
         if self._req:
             pending, self._req = self._req, {}
             children = self._req_children

@@ -230,6 +230,7 @@ class Gateway:
         for pool in self.upstreams.values():
             pool.close()
         self.upstreams.clear()
+        self.metrics.flush()  # counts still waiting for the next batched publish
 
     def set_replicas(self, urls_by_pool: Mapping[str, Sequence[str]]) -> bool:
         """Replace the replica lists of the named pools (discovery); survivors keep their state."""
@@ -540,16 +541,9 @@ class Gateway:
                     code, st = ("upstream_timeout", 504) if isinstance(e, ReadTimeout) else ("upstream_error", 502)
                     return error_response(st, code, f"upstream failed: {e}"), st, -1.0
                 ttft = time.monotonic() - features.arrival_s
-                out_fp = ""
-                usage = None
-                if status < 400:
-                    if wants_linking(ctx.tags):  # parse the answer once for both its text and its usage
-                        usage, out_fp = answer_usage_and_fingerprint(data, bool(features.messages))
-                        if usage is None:
-                            usage = find_usage(data)
-                    else:
-                        usage = find_usage(data)
-                self._observe(ctx, decision, replica, status < 400, usage, 0, ttft, out_fp)
+                # learning from the answer waits until it has been written to the client: the callback
+                # runs at the start of the next loop iteration, before any new request is read
+                asyncio.get_running_loop().call_soon(self._observe_answer, ctx, decision, replica, status, data, ttft)
                 if self.log_payload is not None:
                     self.log_payload(request, data)
                 if raw_response is not None:
@@ -613,6 +607,24 @@ class Gateway:
             return out, status, ttft
         finally:
             resp.close()
+
+    def _observe_answer(
+        self, ctx: RoutingContext, decision: Decision, replica: ReplicaState, status: int, data: bytes, ttft: float
+    ) -> None:
+        """Observe a non-streamed answer: its usage, and for untagged calls its text's fingerprint."""
+        try:
+            out_fp = ""
+            usage = None
+            if status < 400:
+                if wants_linking(ctx.tags):  # parse the answer once for both its text and its usage
+                    usage, out_fp = answer_usage_and_fingerprint(data, bool(ctx.features.messages))
+                    if usage is None:
+                        usage = find_usage(data)
+                else:
+                    usage = find_usage(data)
+            self._observe(ctx, decision, replica, status < 400, usage, 0, ttft, out_fp)
+        except Exception:
+            log.exception("observe failed")
 
     def _observe(
         self,
