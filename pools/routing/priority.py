@@ -16,15 +16,19 @@ COLD_PRIORITY = 4  # a call the predictor knows nothing about: ahead of long wor
 def lookahead_priority(ctx: RoutingContext, aging_s: float = 60.0) -> int:
     """Priority from the predicted remaining steps, minus one per `aging_s` of workflow age."""
     p = ctx.prediction
+    now = ctx.now
+    arrival = ctx.features.arrival_s
     if p.cold or not p.workflow:
         base = COLD_PRIORITY
-        started = ctx.features.arrival_s or ctx.now
+        started = arrival or now
     else:
-        base = min(MAX_PRIORITY, round(p.remaining_steps))
-        started = ctx.state.workflow_started.get(p.workflow, ctx.now)
-        if ctx.features.arrival_s and ctx.features.arrival_s < started:
-            started = ctx.features.arrival_s
-    age = ctx.now - started
+        base = round(p.remaining_steps)
+        if base > MAX_PRIORITY:
+            base = MAX_PRIORITY
+        started = ctx.state.workflow_started.get(p.workflow, now)
+        if arrival and arrival < started:
+            started = arrival
+    age = now - started
     if age > 0.0 and aging_s > 0.0:
         base -= int(age / aging_s)
-    return max(0, base)
+    return base if base > 0 else 0
