@@ -340,9 +340,9 @@ class FastProtocol(asyncio.Protocol):
     """One client connection: frames requests, runs the hot handler, writes answers; hands others to aiohttp."""
 
     __slots__ = (
-        "_buf", "_chunked", "_discard", "_drain", "_hdrs", "_method_ok", "_need", "_parser", "_parts", "_pending",
-        "_read_paused", "_url", "keep_alive", "lost", "peer", "server", "stream_finished", "task", "transport",
-        "write_paused",
+        "_buf", "_chunked", "_discard", "_drain", "_hdrs", "_loop", "_method_ok", "_need", "_parser", "_parts",
+        "_pending", "_read_paused", "_url", "keep_alive", "lost", "peer", "server", "stream_finished", "task",
+        "transport", "write_paused",
     )  # fmt: skip
 
     def __init__(self, server: FastServer) -> None:
@@ -370,6 +370,8 @@ class FastProtocol(asyncio.Protocol):
     # -- asyncio.Protocol ------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
+        # kept: asyncio.get_running_loop() makes a getpid() system call each time (CPython 3.11)
+        self._loop = asyncio.get_running_loop()
         self.peer = transport.get_extra_info("peername")
         sock = transport.get_extra_info("socket")
         if sock is not None:
@@ -583,7 +585,7 @@ class FastProtocol(asyncio.Protocol):
         self.keep_alive = req.keep_alive and not self.server.closing
         self.stream_finished = False
         handler = self.server.handlers[req.path.encode("latin-1")]
-        self.task = asyncio.get_running_loop().create_task(self._handle(handler, req))
+        self.task = self._loop.create_task(self._handle(handler, req))
 
     async def _handle(self, handler: Handler, req: FastRequest) -> None:
         try:

@@ -153,6 +153,7 @@ class Gateway:
         self.session: aiohttp.ClientSession | None = None  # passthrough calls (off the hot path)
         self.upstreams: dict[str, ReplicaPool] = {}  # completions: keep-alive pool per replica URL
         self._stats_task: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None  # the worker's loop, once started
         self._error_log: dict[tuple[str, str], tuple[float, int]] = {}  # (replica, kind) -> (logged at, suppressed)
         # Hooks for the admission queue and the pre-warm sender; None = not installed.
         # admission: awaited when route() says the pool is saturated (Decision.queue); returns the final decision.
@@ -184,6 +185,7 @@ class Gateway:
     # -- lifecycle -------------------------------------------------------------------------------
     async def start(self) -> None:
         """Open the upstream pool and start health checks, scraping and the predictor's background work."""
+        self._loop = asyncio.get_running_loop()
         limit = self.settings.upstream_max_connections
         connector = aiohttp.TCPConnector(
             limit=0,
@@ -281,7 +283,7 @@ class Gateway:
         """Handle POST /v1/chat/completions (chat=True) or /v1/completions."""
         t0 = time.monotonic()
         raw = await self._read_body(request)
-        if isinstance(raw, web.Response):
+        if not isinstance(raw, bytes):  # a refusal (checked against bytes: web.Response is an ABC, a slow check)
             return raw
         try:
             body = orjson.loads(raw)
@@ -543,7 +545,8 @@ class Gateway:
                 ttft = time.monotonic() - features.arrival_s
                 # learning from the answer waits until it has been written to the client: the callback
                 # runs at the start of the next loop iteration, before any new request is read
-                asyncio.get_running_loop().call_soon(self._observe_answer, ctx, decision, replica, status, data, ttft)
+                loop = self._loop or asyncio.get_running_loop()  # kept: get_running_loop() costs a getpid() call
+                loop.call_soon(self._observe_answer, ctx, decision, replica, status, data, ttft)
                 if self.log_payload is not None:
                     self.log_payload(request, data)
                 if raw_response is not None:

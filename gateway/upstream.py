@@ -134,8 +134,18 @@ class UpstreamResponse:
     async def _wait(self) -> None:
         if self._error is not None:
             raise self._error
-        loop = asyncio.get_running_loop()
+        conn = self._conn
+        # the connection's loop: asyncio.get_running_loop() makes a getpid() system call (CPython 3.11)
+        loop = conn.loop if conn is not None and conn.loop is not None else asyncio.get_running_loop()
         fut = self._waiter = loop.create_future()
+        if conn is not None and conn.loop is loop:
+            # the connection's one lazily re-armed timer watches this wait (no timer made per wait)
+            conn.watch(self._read_timeout)
+            try:
+                await fut
+            finally:
+                self._waiter = None
+            return
         timer = loop.call_later(self._read_timeout, self._on_timeout, fut)
         try:
             await fut
@@ -176,7 +186,10 @@ class UpstreamResponse:
 class _Conn(asyncio.Protocol):
     """One keep-alive connection to a replica; carries one exchange at a time."""
 
-    __slots__ = ("closed", "counted", "idle_since", "parser", "pool", "resp", "transport")
+    __slots__ = (
+        "closed", "counted", "idle_since", "loop", "parser", "pool", "resp", "timer", "timer_at", "transport",
+        "wait_due",
+    )  # fmt: skip
 
     def __init__(self, pool: ReplicaPool) -> None:
         self.pool = pool
@@ -186,6 +199,44 @@ class _Conn(asyncio.Protocol):
         self.closed = False
         self.counted = False  # in the pool's open-connection count
         self.idle_since = 0.0
+        self.loop: asyncio.AbstractEventLoop | None = None
+        # Read timeout: a timer per wait (call_later + cancel) cost more than the rest of the client per
+        # call, so each connection keeps one timer that, when it fires, re-arms for the current wait's
+        # deadline or stands down when nothing waits.
+        self.timer: asyncio.TimerHandle | None = None
+        self.timer_at = 0.0
+        self.wait_due = 0.0  # when the wait in progress times out (loop time)
+
+    def watch(self, read_timeout: float) -> None:
+        """A wait for this connection's answer starts now: it fails if nothing arrives within `read_timeout`."""
+        loop = self.loop
+        assert loop is not None
+        due = self.wait_due = loop.time() + read_timeout
+        timer = self.timer
+        if timer is None or self.timer_at > due:  # none armed, or armed for later than this wait allows
+            if timer is not None:
+                timer.cancel()
+            self.timer_at = due
+            self.timer = loop.call_at(due, self._check_timeout)
+
+    def _check_timeout(self) -> None:
+        self.timer = None
+        resp = self.resp
+        if resp is None or self.closed or self.loop is None:
+            return
+        w = resp._waiter
+        if w is None or w.done():
+            return  # nothing waits now: the next wait re-arms
+        if self.loop.time() < self.wait_due:  # a later wait began since: its own deadline
+            self.timer_at = self.wait_due
+            self.timer = self.loop.call_at(self.wait_due, self._check_timeout)
+            return
+        resp._on_timeout(w)
+
+    def _cancel_timer(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
 
     def send(self, data: bytes | Iterable[bytes], read_timeout: float) -> UpstreamResponse:
         assert self.transport is not None
@@ -199,12 +250,14 @@ class _Conn(asyncio.Protocol):
     def abort(self) -> None:
         if not self.closed:
             self.closed = True
+            self._cancel_timer()
             if self.transport is not None:
                 self.transport.abort()
 
     # asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's transports do not subclass asyncio's
+        self.loop = asyncio.get_running_loop()
         sock = transport.get_extra_info("socket")
         if sock is not None:
             with contextlib.suppress(OSError):
@@ -224,6 +277,7 @@ class _Conn(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        self._cancel_timer()
         if self.counted:
             self.counted = False
             self.pool._on_closed()
