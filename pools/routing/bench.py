@@ -23,7 +23,7 @@ from dataclasses import replace
 import numpy as np
 
 from pools.request_features import extract_features
-from pools.routing import RoutingContext, RoutingState, make_policy, route
+from pools.routing import RouteError, RoutingContext, RoutingState, make_policy, route
 from pools.types import ClusterView, PoolConfig
 from predictor.types import NextRole, Prediction, RequestFeatures, Tags
 
@@ -102,19 +102,95 @@ def time_policy(name: str, replicas: int, decisions: int, seed: int = 0) -> dict
             "cpu_p99_us": float(np.percentile(cus, 99)), "decisions": decisions, "replicas": replicas}
 
 
+def stage_breakdown(name: str, replicas: int, decisions: int, seed: int = 0) -> dict[str, float]:
+    """Median wall microseconds of each stage of `route()` (pool, each filter, scorers, picker, index
+    insert, after-pick hooks, priority, actions), timed one stage at a time (`perf_counter_ns`: a
+    thread-CPU clock read costs a system call, more than some stages) on the same run as `time_policy`
+    (the stages repeat `route()`'s steps; the decisions are the same)."""
+    from pools.routing.kv import cached_prompt_tokens, call_kv
+
+    rng = random.Random(seed)
+    view, state, policy = build_cluster(replicas), RoutingState(), make_policy(name)
+    calls = build_calls(2000, rng)
+    by_url = {r.url: r for p in view.pools for r in p.replicas}
+    thread = time.perf_counter_ns
+    stages: dict[str, list[int]] = {}
+
+    def lap(key: str, t0: int) -> int:
+        t1 = thread()
+        stages.setdefault(key, []).append(t1 - t0)
+        return t1
+
+    for phase in (0, 1):
+        for i in range(decisions):
+            f, pred, tags = calls[i % len(calls)]
+            ctx = RoutingContext(replace(f, arrival_s=float(i)), tags, pred, float(i), state)
+            if not phase:
+                d = route(ctx, view, policy)
+                chosen = by_url.get(d.replica)
+            else:
+                t = thread()
+                pool = policy.pool_chooser(ctx, view)
+                t = lap("pool", t)
+                assert not isinstance(pool, RouteError)
+                ctx.pool = pool
+                cands = pool.replicas
+                if policy.uses_prefix_index and ctx.features.prefix_hashes:
+                    ctx.matched_blocks()
+                    t = lap("prefix match", t)
+                for flt in policy.filters:
+                    cands = flt.filter(ctx, cands)
+                    t = lap(f"filter {flt.name}", t)
+                chosen = None
+                if cands:
+                    totals = [0.0] * len(cands)
+                    for j, (scorer, weight) in enumerate(policy.scorers):
+                        got = scorer.score(ctx, cands)
+                        if j == 0:  # as route(): the first scorer's list is the running total
+                            totals = got if weight == 1.0 else [weight * b for b in got]
+                        else:
+                            totals = [a + weight * b for a, b in zip(totals, got, strict=True)]
+                        t = lap(f"score {scorer.name}", t)
+                    chosen = cands[0] if len(cands) == 1 else policy.picker.pick(ctx, cands, totals)
+                    t = lap(f"pick {policy.picker.name}", t)
+                    if policy.uses_prefix_index and ctx.features.prefix_hashes:
+                        state.prefix_index.insert(chosen.url, ctx.sampled_hashes())
+                        t = lap("index insert", t)
+                    for hook in policy.after_pick:
+                        hook(ctx, chosen)
+                    t = lap("after-pick hooks", t)
+                    if policy.priority is not None:
+                        policy.priority(ctx)
+                        t = lap("priority", t)
+                    if policy.actions is not None:
+                        policy.actions(ctx, view, chosen)
+                        t = lap("actions (pre-warm)", t)
+                    cached_prompt_tokens(ctx, chosen.url)
+                    call_kv(ctx)
+                    lap("KV reservation", t)
+            if chosen is not None:
+                chosen.inflight = max(0, chosen.inflight + rng.choice((-1, 1)))
+                chosen.reserved_kv_tokens = max(0, chosen.reserved_kv_tokens + rng.randint(-3000, 3000))
+    return {k: float(np.percentile(np.array(v) / 1000.0, 50)) for k, v in stages.items()}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--replicas", type=int, default=64)
     ap.add_argument("--decisions", type=int, default=20000)
     ap.add_argument("--policies", default="round_robin,least_loaded,session,prefix,llmd,pythia")
     ap.add_argument("--out", default="")
+    ap.add_argument("--breakdown", action="store_true", help="also print each stage's median thread CPU (us)")
     a = ap.parse_args(argv)
-    results = {}
+    results: dict[str, dict] = {}
     for name in a.policies.split(","):
         results[name] = time_policy(name, a.replicas, a.decisions)
         r = results[name]
         print(f"{name:14s} wall p50 {r['p50_us']:7.1f} us  p99 {r['p99_us']:8.1f} us | "
               f"thread CPU p50 {r['cpu_p50_us']:7.1f} us  p99 {r['cpu_p99_us']:7.1f} us", flush=True)
+        if a.breakdown:
+            r["stages_p50_us"] = stage_breakdown(name, a.replicas, a.decisions)
+            print("    median us: " + ", ".join(f"{k} {v:.1f}" for k, v in r["stages_p50_us"].items()), flush=True)
     if a.out:
         with open(a.out, "w") as fh:
             json.dump({"config": {"replicas": a.replicas, "decisions": a.decisions, "python": sys.version.split()[0],
