@@ -1,6 +1,6 @@
 """Wires the Pythia mechanisms that need I/O into a gateway app: admission queue, pre-warm sender,
-autoscaling signal (`GET /pythia/autoscale`, `pythia_pool_desired_replicas`), and the TTL of the router's
-per-workflow state. One call from build_app."""
+autoscaling signal (`GET /pythia/autoscale`, `pythia_pool_desired_replicas`), the TTL of the router's
+per-workflow state and the periodic malloc_trim. One call from build_app."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from aiohttp import web
 
 from gateway.admission import AdmissionController, admission_enabled
 from gateway.autoscale import AutoscaleSignal
+from gateway.malloc_trim import MallocTrimmer
 from gateway.prewarm import PrewarmSender
 from gateway.proxy import Gateway
 from gateway.workflow_ttl import WorkflowStateReaper
@@ -16,6 +17,7 @@ ADMISSION_KEY = web.AppKey("pythia_admission", AdmissionController)
 PREWARM_KEY = web.AppKey("pythia_prewarm", PrewarmSender)
 AUTOSCALE_KEY = web.AppKey("pythia_autoscale", AutoscaleSignal)
 WORKFLOW_TTL_KEY = web.AppKey("pythia_workflow_ttl", WorkflowStateReaper)
+MALLOC_TRIM_KEY = web.AppKey("pythia_malloc_trim", MallocTrimmer)
 
 
 def install_pythia_mechanisms(app: web.Application, gw: Gateway) -> None:
@@ -37,7 +39,8 @@ def install_pythia_mechanisms(app: web.Application, gw: Gateway) -> None:
     reaper = WorkflowStateReaper(gw.routing_state, s.workflow_ttl_s)
     gw.policy.after_pick = (*gw.policy.after_pick, reaper.touch)
     app[WORKFLOW_TTL_KEY] = reaper
-    parts = [x for x in (admission, prewarm, autoscale, reaper) if x is not None]
+    trimmer = app[MALLOC_TRIM_KEY] = MallocTrimmer(s.malloc_trim_interval_s)  # RSS follows live memory
+    parts = [x for x in (admission, prewarm, autoscale, reaper, trimmer) if x is not None]
 
     async def start(app: web.Application) -> None:
         for x in parts:

@@ -97,6 +97,9 @@ class Settings(BaseSettings):
     workflow_ttl_s: float = Field(
         900.0, gt=0, description="the router forgets a workflow's pool pin, last replica and start after this long without a call"
     )
+    malloc_trim_interval_s: float = Field(
+        60.0, ge=0, description="return freed heap memory to the OS this often (glibc malloc_trim); 0 = never"
+    )
 
     @field_validator("log_level")
     @classmethod
