@@ -65,14 +65,15 @@ class PythiaPlacementScorer:
             free = self._free(ctx, candidates) if self.headroom_weight else []
         lo, hi = min(loads), max(loads)
         qw, hw, pw = self.queue_weight, self.headroom_weight, self.prefix_weight
-        k = qw / (hi - lo) if hi > lo else 0.0
-        base = 0.0 if hi > lo else qw
+        # queue score (top - x) * k: qw for the emptiest candidate, 0 for the fullest; when every load is
+        # equal, top = hi + 1 and k = qw give every candidate the full qw
+        top, k = (hi, qw / (hi - lo)) if hi > lo else (hi + 1, qw)
         total = len(ctx.features.prefix_hashes)
         matched = ctx.matched_blocks() if pw and total else None
         if not matched:
             if hw:
-                return [base + (hi - x) * k + hw * (f if f < 1.0 else 1.0) for x, f in zip(loads, free, strict=True)]
-            return [base + (hi - x) * k for x in loads]
+                return [(top - x) * k + hw * (f if f < 1.0 else 1.0) for x, f in zip(loads, free, strict=True)]
+            return [(top - x) * k for x in loads]
         if blocks is None:
             get = matched.get
             blocks = [get(r.url, 0) for r in candidates]
@@ -85,17 +86,17 @@ class PythiaPlacementScorer:
         if per_call > 0.0:
             # load-aware: the bonus fades over `prefix_slack` calls plus one per `prefix_slack_tokens` matched
             return [
-                base + (hi - x) * k + hw * (f if f < 1.0 else 1.0)
+                (top - x) * k + hw * (f if f < 1.0 else 1.0)
                 + (m * kp * (g if (g := 1.0 - (x - lo) / (slack + m / per_call)) > 0.0 else 0.0) if m else 0.0)
                 for x, f, m in zip(loads, free, blocks, strict=True)
             ]
         if slack > 0.0:
             return [
-                base + (hi - x) * k + hw * (f if f < 1.0 else 1.0)
+                (top - x) * k + hw * (f if f < 1.0 else 1.0)
                 + m * kp * (g if (g := 1.0 - (x - lo) / slack) > 0.0 else 0.0)
                 for x, f, m in zip(loads, free, blocks, strict=True)
             ]
-        return [base + (hi - x) * k + hw * (f if f < 1.0 else 1.0) + m * kp for x, f, m in zip(loads, free, blocks, strict=True)]
+        return [(top - x) * k + hw * (f if f < 1.0 else 1.0) + m * kp for x, f, m in zip(loads, free, blocks, strict=True)]
 
     @staticmethod
     def _free(ctx: RoutingContext, candidates: list[ReplicaState]) -> list[float]:
