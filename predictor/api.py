@@ -72,6 +72,8 @@ class Predictor:
         self.settings = settings or PredictorSettings()
         self.store: Store = store or MemoryStore()
         self._share_live = bool(getattr(self.store, "shares_live", False))
+        # MemoryStore persists nothing: skip its no-op record() on each learned counter (8 per call)
+        self._persists = type(self.store) is not MemoryStore
         self.models: dict[str, AppModel] = {}
         self.live = LiveTable(self.settings.max_live_workflows)
         self.fp_index: dict[str, tuple[str, str]] = {}  # system fingerprint -> (app, role) that used it most
@@ -584,6 +586,13 @@ class Predictor:
         return sum(p for w, p in dist if w > width)
 
     def _index_fingerprint(self, app: str, fp: str, roles: Mapping[str, float]) -> None:
+        if len(roles) == 1:  # the usual case: one role per system prompt (same result as below, no max() passes)
+            cur = self.fp_index.get(fp)
+            if cur is None or cur[0] == app:
+                role = next(iter(roles))
+                if cur is None or cur[1] != role:
+                    self.fp_index[fp] = (app, role)
+                return
         best = max(roles.values()) if roles else 0.0
         cur = self.fp_index.get(fp)
         if cur is None or cur[0] == app or best > self.models[cur[0]].fp_roles.get(fp, {}).get(cur[1], 0.0):
@@ -593,7 +602,8 @@ class Predictor:
 
     def _learn(self, model: AppModel, key: str, delta: float = 1.0) -> None:
         model.apply(key, delta)
-        self.store.record(model.app, key, delta)
+        if self._persists:
+            self.store.record(model.app, key, delta)
 
     def _observe(self, tags: Tags, f: RequestFeatures, pred: Prediction, out: Outcome) -> None:
         now = out.finished_s or f.arrival_s
