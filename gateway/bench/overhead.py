@@ -21,7 +21,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -43,18 +43,27 @@ TARGETS = [
 
 def group_cpu_s(pgids: list[int]) -> float:
     """User + system CPU seconds of every live process in these process groups (all their threads)."""
+    user, system = group_cpu_split_s(pgids)
+    return user + system
+
+
+def group_cpu_split_s(pgids: list[int]) -> tuple[float, float]:
+    """(user, system) CPU seconds of every live process in these process groups: system is the kernel's
+    share (socket syscalls, loopback TCP), user the process's own code (for Python: the interpreter)."""
     want = set(pgids)
-    ticks = 0
+    user = system = 0
     for d in Path("/proc").iterdir():
         if not d.name.isdigit():
             continue
         try:
             f = (d / "stat").read_text().rsplit(")", 1)[1].split()
             if int(f[2]) in want:
-                ticks += int(f[11]) + int(f[12])
+                user += int(f[11])
+                system += int(f[12])
         except (OSError, ValueError, IndexError):
             continue
-    return ticks / os.sysconf("SC_CLK_TCK")
+    tck = os.sysconf("SC_CLK_TCK")
+    return user / tck, system / tck
 
 
 def free_port() -> int:
@@ -231,7 +240,7 @@ def _ms(text: str) -> float:
 
 def run_wrk(url: str, script: Path, connections: int, seconds: int, pgids: list[int] | None = None) -> dict[str, float]:
     """One wrk run; returns rps, p50_ms, p99_ms, the error count and the target's CPU microseconds per request."""
-    cpu0 = group_cpu_s(pgids) if pgids else 0.0
+    cpu0 = group_cpu_split_s(pgids) if pgids else (0.0, 0.0)
     out = subprocess.run(
         ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency", "--timeout", "10s", "-s", str(script),
          url + "/v1/chat/completions"],
@@ -244,15 +253,19 @@ def run_wrk(url: str, script: Path, connections: int, seconds: int, pgids: list[
     errs = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     sock = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
     n_err = (int(errs.group(1)) if errs else 0) + (sum(int(x) for x in sock.groups()) if sock else 0)
-    res = {"rps": round(rps, 1), "p50_ms": round(p50, 3), "p99_ms": round(p99, 3), "errors": n_err}
+    res: dict[str, float] = {"rps": round(rps, 1), "p50_ms": round(p50, 3), "p99_ms": round(p99, 3), "errors": n_err}
     n = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
     if pgids and n:
         # CPU per request is what a crowded machine distorts least: rps follows the share of cores a target gets
-        res["cpu_us_per_req"] = round((group_cpu_s(pgids) - cpu0) / n * 1e6, 1)
+        user, system = group_cpu_split_s(pgids)
+        res["cpu_us_per_req"] = round((user + system - cpu0[0] - cpu0[1]) / n * 1e6, 1)
+        res["cpu_user_us_per_req"] = round((user - cpu0[0]) / n * 1e6, 1)
+        res["cpu_sys_us_per_req"] = round((system - cpu0[1]) / n * 1e6, 1)
     return res
 
 
-_WRITE_LINES = ("_Conn.send (", "_write_response (", "FastStreamResponse._send (", "_writelines (")
+SENDS = "socket writes (send syscalls)"
+_WRITE_LINES = ("_Conn.send (", "_write_response (", "_write_raw (", "FastStreamResponse._send (", "_writelines (")
 
 
 def _category(frames: list[str]) -> str:
@@ -260,10 +273,15 @@ def _category(frames: list[str]) -> str:
     leaf = frames[-1]
     joined = ";".join(frames)
     if any(w in leaf for w in _WRITE_LINES):
-        return "socket writes (send syscalls)"
+        return SENDS
     for marker, name in (
         ("predictor/", "predictor (predict + observe)"),
-        ("pools/", "routing, features, prefix hashes (pools/)"),
+        ("pools/request_features.py", "request features (tokens, prefix hashes, fingerprints)"),
+        ("pools/prefix_hash.py", "request features (tokens, prefix hashes, fingerprints)"),
+        ("gateway/features.py", "request features (tokens, prefix hashes, fingerprints)"),
+        ("gateway/autoscale.py", "pythia mechanisms (autoscale, admission, pre-warm)"),
+        ("gateway/admission.py", "pythia mechanisms (autoscale, admission, pre-warm)"),
+        ("pools/", "routing core (pools/routing, prefix index)"),
         ("prometheus_client/", "metrics"),
         ("gateway/metrics.py", "metrics"),
         ("gateway/autoscale.py", "pythia mechanisms (autoscale, admission, pre-warm)"),
@@ -294,11 +312,15 @@ def profile_worker(url: str, script: Path, pgids: list[int], seconds: int, tmp: 
     if not workers:
         return {"error": "no worker process found"}
     raw = tmp / "profile.txt"
+    # A CPU profile: py-spy's default mode drops idle samples (a thread waiting in epoll), so the shares
+    # are of the worker's busy time. Time inside a send syscall (loopback TCP runs in the sender) stays in.
     spy_proc = subprocess.Popen(
-        [spy, "record", "-p", str(workers[0]), "-d", str(seconds), "-r", "200", "-f", "raw", "-o", str(raw), "--nonblocking"],
+        [spy, "record", "-p", str(workers[0]), "-d", str(seconds), "-r", "200", "-f", "raw", "-o", str(raw)],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
+    w_user0, w_sys0 = _proc_cpu_s(workers[0])
     run_wrk(url, script, 64, seconds + 1)
+    w_user1, w_sys1 = _proc_cpu_s(workers[0])
     try:
         spy_proc.wait(30)
     except subprocess.TimeoutExpired:
@@ -319,13 +341,37 @@ def profile_worker(url: str, script: Path, pgids: list[int], seconds: int, tmp: 
         leaves[frames[-1]] = leaves.get(frames[-1], 0) + n
     if not total:
         return {"error": "no samples"}
-    pct = lambda n: round(100.0 * n / total, 1)  # noqa: E731
+    sends = cats.pop(SENDS, 0)
+    busy = max(1, total - sends)
+    pct = lambda n: round(100.0 * n / busy, 1)  # noqa: E731
+    w_user, w_sys = w_user1 - w_user0, w_sys1 - w_sys0
     return {
         "target": "pythia:pythia, one worker, non-stream, 64 connections",
         "samples": total,
+        # py-spy counts a thread inside a syscall as busy: after a loopback send wakes its peer on a 2-core box
+        # the sender mostly waits for a core there, which is not its CPU (see worker_cpu_system_pct)
+        "in_send_syscalls_pct_of_samples": round(100.0 * sends / total, 1),
         "by_category_pct": {k: pct(v) for k, v in sorted(cats.items(), key=lambda kv: -kv[1])},
-        "top_self_pct": {k: pct(v) for k, v in sorted(leaves.items(), key=lambda kv: -kv[1])[:15]},
+        "top_self_pct": _top(leaves, pct),
+        # the worker's CPU in the kernel (system: socket syscalls, loopback TCP) vs in Python (user)
+        "worker_cpu_system_pct": round(100.0 * w_sys / max(1e-9, w_user + w_sys), 1),
     }
+
+
+def _top(leaves: dict[str, int], pct: Callable[[int], float], n: int = 15) -> dict[str, float]:
+    """The `n` frames with the most self samples, sends left out (their share is reported apart)."""
+    items = [(k, v) for k, v in sorted(leaves.items(), key=lambda kv: -kv[1]) if not any(w in k for w in _WRITE_LINES)]
+    return {k: pct(v) for k, v in items[:n]}
+
+
+def _proc_cpu_s(pid: int) -> tuple[float, float]:
+    """(user, system) CPU seconds of one process."""
+    try:
+        f = (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()
+        tck = os.sysconf("SC_CLK_TCK")
+        return int(f[11]) / tck, int(f[12]) / tck
+    except (OSError, ValueError, IndexError):
+        return 0.0, 0.0
 
 
 def _ppid(pid: int) -> int:
