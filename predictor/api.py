@@ -49,6 +49,7 @@ class StateView:
     growth_bound: int
     remaining_support: float
     generation: int = 0
+    growth_median: int = 0
 
 
 @dataclass(slots=True)
@@ -351,6 +352,7 @@ class Predictor:
         rem_bound = math.ceil(siblings) + sv.remaining_bound
         rem_out = siblings * out_mean + sv.remaining_out_mean
         peak = max(wf.peak_context, f.prompt_tokens + max(out_bound, sv.growth_bound))
+        likely = max(wf.peak_context, f.prompt_tokens + int(max(out_mean, sv.growth_median)))
         next_roles = tuple(NextRole(n.role, n.probability, self._role_view(model, n.role).fanout_mean)
                            for n in sv.next_roles)
         prefix: tuple[dict[str, str], ...] = ()
@@ -376,6 +378,7 @@ class Predictor:
             remaining_steps_bound=rem_bound,
             remaining_output_tokens=rem_out,
             peak_context_tokens=int(peak),
+            peak_context_likely_tokens=likely,
             next_prefix_messages=prefix,
             next_prefix_confidence=round(prefix_conf, 4),
             confidence=round(support * (next_roles[0].probability if next_roles else 1.0), 4),
@@ -453,7 +456,8 @@ class Predictor:
         else:
             rem_mean, rem_bound = max(0.0, model.lengths.mean - 1.0), model.lengths.quantile(q)
         return StateView(0, support, next_roles, top, rem_mean, rem_bound,
-                         out_sk.mean, out_sk.quantile(q), gr_sk.quantile(q), rem_sk.total, model.generation)
+                         out_sk.mean, out_sk.quantile(q), gr_sk.quantile(q), rem_sk.total, model.generation,
+                         gr_sk.quantile(0.5))
 
     # ------------------------------------------------------------------ untagged traffic
 

@@ -84,6 +84,8 @@ class Prediction:
     remaining_steps_bound: int = 0
     remaining_output_tokens: float = 0.0  # expected, over the calls after this one
     peak_context_tokens: int = 0  # predicted max prompt+output tokens over the workflow's life
+    # the likely peak (median): a pool sized for the bound above would take every workflow that *might* grow
+    peak_context_likely_tokens: int = 0
     # the messages the next call is predicted to start with (for pre-warm), and how sure we are
     next_prefix_messages: tuple[dict[str, str], ...] = ()
     next_prefix_confidence: float = 0.0

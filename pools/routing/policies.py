@@ -83,6 +83,7 @@ def pythia(
     queue_weight: float = 1.0,
     aging_s: float = 60.0,
     reserve_uncached: bool = True,
+    likely_peak: bool = True,
 ) -> Policy:
     """Pythia: workflow-lifetime pools, capacity-predictive choice, prefix affinity, lookahead priority,
     pre-warm; each mechanism switchable (False = ablated) for the `pythia-no-<mechanism>` entries.
@@ -105,7 +106,7 @@ def pythia(
     )
     return Policy(
         name,
-        partial(predicted_peak_pool, spill_margin=spill_margin, short_penalty=short_penalty) if pool else smallest_fitting_pool,
+        partial(predicted_peak_pool, spill_margin=spill_margin, short_penalty=short_penalty, likely_peak=likely_peak) if pool else smallest_fitting_pool,
         tuple(filters),
         ((scorer, 1.0),),
         MaxScorePicker(),

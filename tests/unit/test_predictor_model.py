@@ -260,3 +260,13 @@ def test_an_untagged_call_that_quotes_a_response_joins_that_responses_workflow()
     pr = p.predict(Tags(), f, 3.0)
     assert pr.workflow == coder_ids["b"] != coder_ids["a"]
     assert p.counters["linked_message"] == 1
+
+
+def test_likely_peak_follows_the_typical_workflow_and_the_bound_the_rare_long_one() -> None:
+    p = make_predictor(workflow_idle_s=10.0)
+    for n in range(40):  # one workflow in ten ends with a very long answer
+        run_workflow(p, "rare", f"w{n}", [("planner", 1, 300), ("writer", 1, 20_000 if n % 10 == 0 else 200)], t0=n * 100.0)
+    planner = run_workflow(p, "rare", "live", [("planner", 1, 300), ("writer", 1, 200)], t0=9000.0)[0]
+    assert not planner.cold
+    assert planner.peak_context_tokens > 20_000  # the bound covers the rare long answer
+    assert planner.peak_context_likely_tokens < 5_000  # the likely peak is the usual short one

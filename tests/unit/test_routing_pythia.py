@@ -227,3 +227,14 @@ def test_routing_index_matches_like_the_plain_index() -> None:
         fast.insert(r, chain)
         probe = rng.choice(chains)
         assert fast.match(probe) == plain.match(probe)
+
+
+def test_pool_follows_the_likely_peak_not_the_rare_bound() -> None:
+    # a workflow that *might* reach 60k (its p95) but most likely stays at 3k starts in the short pool:
+    # placing every such workflow in the few long replicas made the long pool the bottleneck
+    v, st = cluster(), RoutingState()
+    pred = warm("wf-r", peak_context_tokens=60_000, peak_context_likely_tokens=3000)
+    assert route(call(st, "plan", prediction=pred), v, make_policy("pythia")).pool == "short"
+    assert route(call(RoutingState(), "plan", prediction=pred), v, pythia(likely_peak=False)).pool == "long"
+    likely_long = warm("wf-s", peak_context_tokens=60_000, peak_context_likely_tokens=40_000)
+    assert route(call(RoutingState(), "plan", prediction=likely_long), v, make_policy("pythia")).pool == "long"
