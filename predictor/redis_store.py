@@ -124,6 +124,9 @@ class RedisStore:
         self._wanted: set[tuple[str, str]] = set()
         self._ended: set[tuple[str, str]] = set()
         self._checks: dict[tuple[str, str], tuple[int, float]] = {}  # idle workflow -> (its calls, since)
+        # apps whose model hash this process has seen in Redis: only for those is a missing hash a lost one
+        # (a new app's first flush also finds none, and that is no reason to warn)
+        self._seen_in_redis: set[str] = set()
         self._client: aioredis.Redis | None = None
         self._sink: ModelSink | None = None
         self._task: asyncio.Task[None] | None = None
@@ -300,10 +303,13 @@ class RedisStore:
                 res = await pipe.execute()
                 missing: list[tuple[str, str, dict[str, float]]] = []
                 for (bid, apps), r in zip(sent, res[: len(sent)], strict=True):
+                    absent = set()
                     for i in r or []:
                         if int(i) > 0:
                             app = apps[int(i) - 1]
+                            absent.add(app)
                             missing.append((bid, app, dict(next(b for b_id, b in batches if b_id == bid)[app])))
+                    self._seen_in_redis.update(a for a in apps if a not in absent)
                 if missing:
                     await self._restore(client, missing)
                 done = {bid for bid, _ in sent}
@@ -370,10 +376,13 @@ class RedisStore:
             pipe.sadd(f"{self.prefix}apps", app)
         res = await pipe.execute()
         restored = sum(1 for r in res[: len(missing)] if r == 1 or r == "1")
-        if restored:
+        lost = sorted(a for a in based if a in self._seen_in_redis)
+        self._seen_in_redis |= based
+        if restored and lost:
             self.counters["redis_restores"] += 1
-            log.warning("predictor Redis store: model of %s was missing (Redis restarted?); restored",
-                        sorted(based))
+            log.warning("predictor Redis store: model of %s was missing (Redis restarted?); restored", lost)
+        elif restored:
+            log.debug("predictor Redis store: first model of %s written", sorted(based))
 
     async def _refresh(self) -> None:
         """Reload every app's shared counters into the in-process model (plus what is still queued)."""
@@ -392,5 +401,6 @@ class RedisStore:
             counts, texts = res[2 * i], res[2 * i + 1]
             if not counts:
                 continue  # lost or not written yet: keep what this process knows
+            self._seen_in_redis.add(app)
             sink.load_snapshot(app, {k: float(v) for k, v in counts.items()}, texts or {}, self._unflushed(app))
         self.counters["redis_refreshes"] += 1

@@ -91,7 +91,8 @@ def finished(p: Predictor, app: str) -> float:
     return float(p.model_json(app)["workflows_finished"])
 
 
-async def test_a_second_predictor_starts_warm_from_what_the_first_learned(redis_server: RedisServer) -> None:
+async def test_a_second_predictor_starts_warm_from_what_the_first_learned(
+        redis_server: RedisServer, caplog: pytest.LogCaptureFixture) -> None:
     a = make_predictor(redis_server.url, "t1:", **FAST)
     await a.start()
     for n in range(5):
@@ -99,6 +100,9 @@ async def test_a_second_predictor_starts_warm_from_what_the_first_learned(redis_
     a.tick(10_000.0)
     await wait_until(lambda: a.stats()["redis_pending_counters"] == 0)
     await a.stop()
+    # a new app's first model in Redis is no lost one: no restore counted, no warning logged
+    assert a.stats()["redis_restores"] == 0
+    assert not [r for r in caplog.records if "missing" in r.getMessage()]
     keys = redis_server.client().hkeys("t1:model:research")
     assert "T|planner|1|searcher" in keys  # the automaton lives in a Redis hash under the prefix
     b = make_predictor(redis_server.url, "t1:", **FAST)
