@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from itertools import islice
@@ -56,11 +57,12 @@ DENSE = 8  # blocks indexed one by one right after the system prompt
 STRIDE = 8  # then every STRIDE-th block (absolute position), so a long prompt costs few index entries
 
 
-def _positions(n: int, skip: int) -> list[int]:
-    """Block positions of an n-block prompt that the link index uses (ascending)."""
+@functools.lru_cache(maxsize=8192)
+def _positions(n: int, skip: int) -> tuple[int, ...]:
+    """Block positions of an n-block prompt that the link index uses (ascending; cached: two per call)."""
     dense = min(n, skip + DENSE)
     first = dense + (-dense) % STRIDE
-    return [*range(skip, dense), *range(first, n, STRIDE)]
+    return (*range(skip, dense), *range(first, n, STRIDE))
 
 
 class LiveTable:

@@ -288,6 +288,8 @@ class AppModel:
         roles = self.fp_roles.get(fp)
         if not roles:
             return ""
+        if len(roles) == 1:  # the usual case: one role per system prompt
+            return next(iter(roles))
         return max(roles.items(), key=lambda kv: kv[1])[0]
 
     def to_json(self, prune_share: float = 0.05, bound_quantile: float = 0.95) -> dict[str, object]:
