@@ -72,12 +72,12 @@ def _request(body: bytes) -> bytes:
     )
 
 
-async def run(policy: str, n: int, stream: bool) -> float:
-    """Drive `n` keep-alive requests through one connection; returns CPU microseconds per request."""
+async def run(policy: str, n: int, stream: bool, batches: int = 1, prewarm: bool = False) -> list[float]:
+    """Drive `batches` x `n` keep-alive requests through one connection (one gateway); CPU µs per request of each batch."""
     loop = asyncio.get_running_loop()
     answer = _STREAM_RESPONSE if stream else _JSON_RESPONSE
     pools = [PoolConfig("short", 32768, (MODEL,), REPLICAS)]
-    settings = Settings.model_validate({"policy": policy, "prewarm": False})
+    settings = Settings.model_validate({"policy": policy, "prewarm": prewarm})
     app = build_app(settings, pools, metrics=GatewayMetrics())
     gw = app[GATEWAY_KEY]
 
@@ -110,14 +110,16 @@ async def run(policy: str, n: int, stream: bool) -> float:
     left[0] = warm
     proto.data_received(req)
     await done
-    done = loop.create_future()
-    left[0] = n
-    t0 = time.thread_time_ns()
-    proto.data_received(req)
-    await done
-    cpu = (time.thread_time_ns() - t0) / n / 1e3
+    out = []
+    for _ in range(batches):  # several batches show whether the cost drifts as the gateway's state grows
+        done = loop.create_future()
+        left[0] = n
+        t0 = time.thread_time_ns()
+        proto.data_received(req)
+        await done
+        out.append((time.thread_time_ns() - t0) / n / 1e3)
     await gw.predictor.stop()
-    return cpu
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -125,9 +127,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--policy", default="pythia")
     p.add_argument("--requests", type=int, default=20000)
     p.add_argument("--stream", action="store_true")
-    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--repeat", type=int, default=3, help="fresh gateways, one after the other")
+    p.add_argument("--batches", type=int, default=1, help="consecutive batches of --requests in each gateway")
     a = p.parse_args(argv)
-    out = [uvloop.run(run(a.policy, a.requests, a.stream)) for _ in range(a.repeat)]
+    out = [x for _ in range(a.repeat) for x in uvloop.run(run(a.policy, a.requests, a.stream, a.batches))]
     print(orjson.dumps({"policy": a.policy, "stream": a.stream, "cpu_us_per_req": [round(x, 1) for x in out]}).decode())
     return 0
 
