@@ -28,7 +28,8 @@ async def gateway_url() -> AsyncIterator[str]:
     upstream = TestServer(FakeUpstream("x", MODEL).app(), host="127.0.0.1")
     await upstream.start_server()
     x = str(upstream.make_url("")).rstrip("/")
-    app = build_app(Settings(read_timeout_s=0.3), [PoolConfig("p", 8192, (MODEL,), (x,))], ColdPredictor(), GatewayMetrics())
+    settings = Settings.model_validate({"read_timeout_s": 0.3})
+    app = build_app(settings, [PoolConfig("p", 8192, (MODEL,), (x,))], ColdPredictor(), GatewayMetrics())
     server = TestServer(app, host="127.0.0.1")
     await server.start_server()
     try:
