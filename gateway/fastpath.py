@@ -77,7 +77,7 @@ class FastRequest:
     """The request a hot-path handler receives (the slice of aiohttp's web.Request the gateway uses)."""
 
     __slots__ = (
-        "_body", "_headers", "_proto", "_store", "_too_large", "app", "content_length", "keep_alive", "method",
+        "_body", "_headers", "_proto", "_store", "_tagged", "_too_large", "app", "content_length", "keep_alive", "method",
         "raw_headers", "raw_path", "version",
     )  # fmt: skip
 
@@ -103,6 +103,7 @@ class FastRequest:
         self._body = b""
         self._too_large = 0  # body bytes received when over the limit
         self._store: dict[Any, Any] | None = None
+        self._tagged = True  # may carry X-Pythia-* headers (the framing sets False when it saw none)
 
     @property
     def headers(self) -> CIMultiDictProxy[str]:
@@ -167,9 +168,9 @@ class FastRequest:
 
     def tag_headers(self) -> Mapping[str, str]:
         """Only the X-Pythia-* headers (case-insensitive), without building the whole header map."""
-        found = [(k, v) for k, v in self.raw_headers if k[:9].lower() == b"x-pythia-"]
-        if not found:
+        if not self._tagged:  # seen while framing the head: no X-Pythia-* header at all
             return _NO_HEADERS
+        found = [(k, v) for k, v in self.raw_headers if k[:9].lower() == b"x-pythia-"]
         return CIMultiDict([(k.decode("latin-1"), v.decode("latin-1")) for k, v in found])
 
     def __getitem__(self, key: Any) -> Any:
@@ -483,15 +484,19 @@ class FastProtocol(asyncio.Protocol):
         self._parser = None
         cl: int | None = None
         expect = False
+        tagged = False
         for k, v in self._hdrs:
             lk = k.lower()
             if lk == b"content-length":
                 cl = int(v)
             elif lk == b"expect" and v.lower() == b"100-continue":
                 expect = True
+            elif lk[:9] == b"x-pythia-":
+                tagged = True
         if self._chunked:
             cl = None
         req = FastRequest(self, "POST", self._url.decode("latin-1"), version, self._hdrs, cl, keep_alive)
+        req._tagged = tagged
         self._pending = req
         self._need = cl or 0
         if cl is not None and cl > self.server.body_limit:
