@@ -40,9 +40,22 @@ def flatten_messages(messages: Iterable[Mapping[str, Any]]) -> str:
     return "".join(parts)
 
 
+_FP_CACHE: dict[str, str] = {}
+_FP_CACHE_MAX = 256  # texts remembered (then the cache starts over): a few system prompts come back call after call
+_FP_CACHE_CHARS = 8192  # longer texts are hashed each time (bounded memory)
+
+
 def text_fingerprint(text: str) -> str:
     """A short stable fingerprint of a text (hex), e.g. of a system prompt."""
-    return xxhash.xxh3_64_hexdigest(text.encode("utf-8", "surrogatepass")) if text else ""
+    fp = _FP_CACHE.get(text)
+    if fp is not None:
+        return fp
+    fp = xxhash.xxh3_64_hexdigest(text.encode("utf-8", "surrogatepass")) if text else ""
+    if len(text) <= _FP_CACHE_CHARS:
+        if len(_FP_CACHE) >= _FP_CACHE_MAX:
+            _FP_CACHE.clear()
+        _FP_CACHE[text] = fp
+    return fp
 
 
 def common_prefix_blocks(a: Sequence[int], b: Sequence[int]) -> int:

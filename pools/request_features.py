@@ -20,7 +20,7 @@ class InvalidRequest(ValueError):
 
 def estimate_tokens(text: str) -> int:
     """Tokens of a text under the 4-bytes-per-token rule (rounded up)."""
-    n = len(text.encode("utf-8", "surrogatepass"))
+    n = len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))  # ASCII: no copy
     return -(-n // BYTES_PER_TOKEN)
 
 
