@@ -84,7 +84,7 @@ class GatewayMetrics:
         if not self._armed:
             self._armed = True
             loop = self._loop
-            if loop is None or loop.is_closed():
+            if loop is None or not loop.is_running():  # first use, or a loop that has stopped (tests)
                 try:
                     loop = self._loop = asyncio.get_running_loop()
                 except RuntimeError:  # no loop (scripts, unit tests): publish now

@@ -545,7 +545,9 @@ class Gateway:
                 ttft = time.monotonic() - features.arrival_s
                 # learning from the answer waits until it has been written to the client: the callback
                 # runs at the start of the next loop iteration, before any new request is read
-                loop = self._loop or asyncio.get_running_loop()  # kept: get_running_loop() costs a getpid() call
+                loop = self._loop  # kept: get_running_loop() costs a getpid() call
+                if loop is None or not loop.is_running():
+                    loop = asyncio.get_running_loop()
                 loop.call_soon(self._observe_answer, ctx, decision, replica, status, data, ttft)
                 if self.log_payload is not None:
                     self.log_payload(request, data)
