@@ -747,7 +747,9 @@ def _system_blocks(f: RequestFeatures) -> int:
     """Leading prompt blocks that hold only the system prompt (shared by every workflow of a role)."""
     if not f.system_prompt:
         return 0
-    return (len(f.system_prompt.encode("utf-8", "surrogatepass")) + SYSTEM_BLOCK_OVERHEAD) // BLOCK_CHARS
+    text = f.system_prompt
+    n = len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))  # ASCII: bytes == characters
+    return (n + SYSTEM_BLOCK_OVERHEAD) // BLOCK_CHARS
 
 
 def _common_prefix(a: tuple[int, ...], b: tuple[int, ...]) -> int:

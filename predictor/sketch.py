@@ -19,9 +19,19 @@ MAX_BUCKET = 400  # GAMMA**400 ~ 3e8: more than any token count we will see
 
 def bucket_of(x: float) -> int:
     """The bucket index holding value `x`."""
+    b = _INT_BUCKETS.get(x) if type(x) is int else None  # token counts recur: remembered per integer
+    if b is not None:
+        return b
     if x < 1.0:
         return 0
-    return min(MAX_BUCKET, int(math.log(x) / _LOG_GAMMA) + 1)
+    b = min(MAX_BUCKET, int(math.log(x) / _LOG_GAMMA) + 1)
+    if type(x) is int and len(_INT_BUCKETS) < _INT_BUCKETS_MAX:
+        _INT_BUCKETS[x] = b
+    return b
+
+
+_INT_BUCKETS: dict[int, int] = {}
+_INT_BUCKETS_MAX = 1 << 16
 
 
 def bucket_upper(i: int) -> int:
