@@ -36,6 +36,7 @@ async def serve_worker(settings: Settings, pools: list[PoolConfig], worker_index
     from aiohttp import web
 
     from gateway.app import build_app
+    from gateway.http_errors import use_openai_errors
 
     app = build_app(settings, pools, worker_index=worker_index)
     runner = web.AppRunner(
@@ -46,12 +47,13 @@ async def serve_worker(settings: Settings, pools: list[PoolConfig], worker_index
         shutdown_timeout=settings.shutdown_grace_s,
     )
     await runner.setup()
+    assert runner.server is not None  # set by setup()
+    use_openai_errors(runner.server)  # malformed HTTP gets an OpenAI-shaped 400, not aiohttp's plain text
     fast = None
     if settings.fast_path:
         from gateway.fastpath import start_fast_server
 
         # hot endpoints on the lean protocol (gateway.fastpath); other requests continue on aiohttp's
-        assert runner.server is not None  # set by setup()
         fast, server = await start_fast_server(
             app, runner.server, settings.host, settings.port, settings.body_limit_bytes, backlog=4096
         )

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import socket
 from collections.abc import Iterator
 from typing import Any
 
@@ -160,7 +161,37 @@ def test_structural_extremes(gateway: Proc) -> None:
     still_serves(gateway)
 
 
+def raw_exchange(gw: Proc, data: bytes) -> tuple[int, bytes, str]:
+    """Send raw bytes, read the answer until the gateway closes: (status, body, content type)."""
+    host, port = gw.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as s:
+        s.sendall(data)
+        buf = b""
+        while chunk := s.recv(65536):
+            buf += chunk
+    head, _, body = buf.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    ctype = next((v.strip() for k, _, v in (ln.partition(":") for ln in lines[1:]) if k.lower() == "content-type"), "")
+    return int(lines[0].split()[1]), body, ctype
+
+
+def test_malformed_http_gets_openai_errors_on_every_path(gateway: Proc) -> None:
+    flood = b"".join(b"X-Junk-%d: v\r\n" % i for i in range(300))
+    cases = [
+        b"GET /v1/models HTTP/1.1\r\nHost: x\r\n" + flood + b"\r\n",  # more header lines than aiohttp takes
+        b"GET /" + b"a" * 20_000 + b" HTTP/1.1\r\nHost: x\r\n\r\n",  # request line too long
+        b"GET /health HTTP/1.1\r\nHost: x\r\nBad Header Without Colon\r\n\r\n",
+    ]
+    for raw in cases:
+        status, body, ctype = raw_exchange(gateway, raw)
+        assert 400 <= status < 500 and ctype.startswith("application/json"), (status, ctype, body[:200])
+        err = orjson.loads(body)["error"]
+        assert err["type"] == "invalid_request_error" and err["code"] and err["message"]
+    still_serves(gateway)
+
+
 def test_gateway_unaffected_after_fuzzing(gateway: Proc) -> None:
     still_serves(gateway)
     assert gateway.alive()
     assert "Traceback" not in gateway.log_text(), gateway.log_text()[-3000:]
+
