@@ -17,12 +17,15 @@ def _from_redis(url: str, prefix: str, app: str | None) -> tuple[list[str], dict
     """The apps stored under `prefix`, and `app`'s model JSON rebuilt from its counters."""
     import redis
 
+    from predictor.redis_store import GEN_FIELD
+
     client = redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5, decode_responses=True)
     apps = sorted(str(a) for a in client.smembers(f"{prefix}apps"))
     if app is None:
         return apps, None
     counts: dict[str, str] = client.hgetall(f"{prefix}model:{app}")  # type: ignore[assignment]
     texts: dict[str, str] = client.hgetall(f"{prefix}text:{app}")  # type: ignore[assignment]
+    counts.pop(GEN_FIELD, None)  # the hash's write counter, not a model counter
     if not counts:
         return apps, None
     p = Predictor()

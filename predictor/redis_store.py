@@ -36,6 +36,7 @@ log = logging.getLogger("pythia.predictor.redis")
 # a batch whose answer was lost, e.g. to a timeout, is retried with the same id and skipped), KEYS[2..]
 # the apps' model hashes; ARGV = ttl, then per app: n, then n field/delta pairs. A missing hash (Redis
 # lost its data, or a new app) is not written: its 1-based app index is returned for a restore.
+GEN_FIELD = "#gen"  # in each model hash: bumped by every write, so a refresh skips apps nobody changed
 APPLY_LUA = """
 if not redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[1]) then return {-1} end
 local missing = {}
@@ -47,6 +48,7 @@ for k = 2, #KEYS do
     table.insert(missing, k - 1)
   else
     for i = a, a + 2 * n - 1, 2 do redis.call('HINCRBYFLOAT', KEYS[k], ARGV[i], ARGV[i + 1]) end
+    redis.call('HINCRBY', KEYS[k], '#gen', 1)
   end
   a = a + 2 * n
 end
@@ -65,6 +67,7 @@ end
 if redis.call('SET', KEYS[2], '1', 'NX', 'EX', ARGV[1]) then
   for i = 2 * n + 3, #ARGV, 2 do redis.call('HINCRBYFLOAT', KEYS[1], ARGV[i], ARGV[i + 1]) end
 end
+redis.call('HINCRBY', KEYS[1], '#gen', 1)
 return restored
 """
 
@@ -127,6 +130,10 @@ class RedisStore:
         # apps whose model hash this process has seen in Redis: only for those is a missing hash a lost one
         # (a new app's first flush also finds none, and that is no reason to warn)
         self._seen_in_redis: set[str] = set()
+        # per app: the `#gen` of the hash this process last loaded, and its own writes since then; a refresh
+        # reloads (and invalidates the app's cached views) only when another process wrote too
+        self._loaded_gen: dict[str, int] = {}
+        self._own_writes: dict[str, int] = {}
         self._client: aioredis.Redis | None = None
         self._sink: ModelSink | None = None
         self._task: asyncio.Task[None] | None = None
@@ -134,7 +141,8 @@ class RedisStore:
         self._errors_since_log = 0
         self._last_log = 0.0
         self.counters: dict[str, float] = {"redis_errors": 0, "redis_flushes": 0, "redis_refreshes": 0,
-                                           "redis_restores": 0, "redis_connected": 0, "redis_live_merged": 0}
+                                           "redis_restores": 0, "redis_connected": 0, "redis_live_merged": 0,
+                                           "redis_refresh_skipped": 0}
 
     # ------------------------------------------------------------------ hot path (sync, no I/O)
 
@@ -309,7 +317,11 @@ class RedisStore:
                             app = apps[int(i) - 1]
                             absent.add(app)
                             missing.append((bid, app, dict(next(b for b_id, b in batches if b_id == bid)[app])))
-                    self._seen_in_redis.update(a for a in apps if a not in absent)
+                    applied = [a for a in apps if a not in absent]
+                    self._seen_in_redis.update(applied)
+                    if r != [-1]:  # -1: a retried batch Redis had applied already (no second write)
+                        for a in applied:
+                            self._own_writes[a] = self._own_writes.get(a, 0) + 1
                 if missing:
                     await self._restore(client, missing)
                 done = {bid for bid, _ in sent}
@@ -394,13 +406,29 @@ class RedisStore:
             return
         pipe = client.pipeline(transaction=False)
         for app in apps:
-            pipe.hgetall(self._key("model", app))
-            pipe.hgetall(self._key("text", app))
-        res = await pipe.execute()
-        for i, app in enumerate(apps):
-            counts, texts = res[2 * i], res[2 * i + 1]
-            if not counts:
-                continue  # lost or not written yet: keep what this process knows
-            self._seen_in_redis.add(app)
-            sink.load_snapshot(app, {k: float(v) for k, v in counts.items()}, texts or {}, self._unflushed(app))
+            pipe.hget(self._key("model", app), GEN_FIELD)
+        gens = await pipe.execute()
+        changed = [app for app, g in zip(apps, gens, strict=True)
+                   if g is None or app not in self._loaded_gen
+                   or int(g) != self._loaded_gen[app] + self._own_writes.get(app, 0)]
+        self.counters["redis_refresh_skipped"] += len(apps) - len(changed)
+        if changed:
+            pipe = client.pipeline(transaction=False)
+            for app in changed:
+                pipe.hgetall(self._key("model", app))
+                pipe.hgetall(self._key("text", app))
+            res = await pipe.execute()
+            for i, app in enumerate(changed):
+                counts, texts = res[2 * i], res[2 * i + 1]
+                gen = counts.pop(GEN_FIELD, None) if counts else None
+                if not counts:
+                    continue  # lost or not written yet: keep what this process knows
+                self._seen_in_redis.add(app)
+                sink.load_snapshot(app, {k: float(v) for k, v in counts.items()}, texts or {}, self._unflushed(app))
+                # read with the counters in one command: a write after it shows as a newer #gen next time
+                if gen is not None:
+                    self._loaded_gen[app] = int(gen)
+                else:
+                    self._loaded_gen.pop(app, None)
+                self._own_writes[app] = 0
         self.counters["redis_refreshes"] += 1

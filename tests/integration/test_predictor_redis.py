@@ -281,3 +281,27 @@ async def test_a_hung_redis_slows_nothing_and_its_queued_writes_arrive_when_it_a
         assert p.stats()["predictor_errors"] == 0
     finally:
         await p.stop()
+
+
+async def test_a_refresh_reloads_only_apps_another_process_wrote(redis_server: RedisServer) -> None:
+    a = make_predictor(redis_server.url, "t7:", **FAST)
+    b = make_predictor(redis_server.url, "t7:", **FAST)
+    await a.start()
+    await b.start()
+    try:
+        for n in range(3):
+            run_workflow(a, "quiet", f"q{n}", STEPS, t0=n * 100.0)
+        a.tick(10_000.0)
+        await wait_until(lambda: a.stats()["redis_pending_counters"] == 0 and a.stats()["redis_refresh_skipped"] > 0)
+        skipped, generation = a.stats()["redis_refresh_skipped"], a.models["quiet"].generation
+        await wait_until(lambda: a.stats()["redis_refresh_skipped"] >= skipped + 5)
+        # only this process wrote the app: its model (and the views cached on it) stayed as it was
+        assert a.models["quiet"].generation == generation
+        for n in range(2):  # another process learns the same app: the next refresh brings it in
+            run_workflow(b, "quiet", f"b{n}", STEPS, t0=20_000.0 + n * 100.0)
+        b.tick(40_000.0)
+        await wait_until(lambda: finished(a, "quiet") == 5)
+        assert a.models["quiet"].generation > generation
+    finally:
+        await a.stop()
+        await b.stop()
