@@ -18,7 +18,7 @@ import ctypes.util
 import logging
 from collections.abc import Callable
 
-from gateway.tasks import cancel_and_wait
+from gateway.tasks import PeriodicTask
 
 log = logging.getLogger("pythia.malloc_trim")
 
@@ -42,7 +42,7 @@ class MallocTrimmer:
         self.interval_s = interval_s
         self.trim = trim if trim is not None else find_malloc_trim()
         self.trims = 0
-        self._task: asyncio.Task[None] | None = None
+        self._periodic = PeriodicTask("pythia-malloc-trim", interval_s, self._trim_in_thread, log)
 
     @property
     def active(self) -> bool:
@@ -56,17 +56,11 @@ class MallocTrimmer:
         return bool(self.trim(0))
 
     async def start(self) -> None:
-        if self.active and self._task is None:
-            self._task = asyncio.create_task(self._loop(), name="pythia-malloc-trim")
+        if self.active:
+            self._periodic.start()
 
     async def stop(self) -> None:
-        await cancel_and_wait([self._task])
-        self._task = None
+        await self._periodic.stop()
 
-    async def _loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.interval_s)
-            try:
-                await asyncio.to_thread(self.trim_now)  # ctypes drops the GIL: the loop keeps serving
-            except Exception:
-                log.exception("malloc_trim failed")
+    async def _trim_in_thread(self) -> None:
+        await asyncio.to_thread(self.trim_now)  # ctypes drops the GIL: the loop keeps serving

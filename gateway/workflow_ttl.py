@@ -11,13 +11,12 @@ workflow chooses a pool again, as a new workflow would.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections import OrderedDict
 from collections.abc import Callable
 
-from gateway.tasks import cancel_and_wait
+from gateway.tasks import PeriodicTask
 from pools.routing import RoutingContext, RoutingState
 from pools.routing.pool_choice import workflow_id
 from pools.types import ReplicaState
@@ -38,7 +37,7 @@ class WorkflowStateReaper:
         # workflow id -> time of its latest call, oldest activity first
         self.last_call: OrderedDict[str, float] = OrderedDict()
         self.forgotten = 0  # workflows dropped so far (exported as a predictor-style stat)
-        self._task: asyncio.Task[None] | None = None
+        self._periodic = PeriodicTask("pythia-workflow-ttl", self.interval_s, self._sweep, log)
 
     def touch(self, ctx: RoutingContext, chosen: ReplicaState) -> None:
         """After-pick hook: the workflow of this call is active now."""
@@ -72,17 +71,10 @@ class WorkflowStateReaper:
         return n
 
     async def start(self) -> None:
-        if self._task is None:
-            self._task = asyncio.create_task(self._loop(), name="pythia-workflow-ttl")
+        self._periodic.start()
 
     async def stop(self) -> None:
-        await cancel_and_wait([self._task])
-        self._task = None
+        await self._periodic.stop()
 
-    async def _loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.interval_s)
-            try:
-                self.sweep()
-            except Exception:
-                log.exception("workflow state sweep failed")
+    async def _sweep(self) -> None:
+        self.sweep()
