@@ -114,6 +114,11 @@ class SimStats:
         return {k: getattr(self, k) for k in self.__slots__}
 
 
+def replica_url(pool: str, index: int) -> str:
+    """The URL the harness gives the `index`-th simulated replica of `pool` (what `RequestRecord.replica` holds)."""
+    return f"http://sim-{pool}-{index}"
+
+
 @dataclass(slots=True)
 class SimResult:
     requests: list[RequestRecord]
@@ -167,7 +172,7 @@ class Simulation:
         for p in cfg.pools:
             urls = []
             for i in range(p.replicas):
-                url = f"http://sim-{p.name}-{i}"
+                url = replica_url(p.name, i)
                 self.engines[url] = SimEngine.from_preset(p.preset, seed=cfg.seed * 1000 + n, model_name=cfg.model,
                                                           scheduling_policy=sched, **cfg.engine_overrides)
                 urls.append(url)
