@@ -24,15 +24,13 @@ class OpenAIErrorRequestHandler(RequestHandler):
     ) -> web.StreamResponse:
         if status >= 500:
             super().handle_error(request, status, exc, message)  # logs it, raises if an answer was already sent
+            # never echo an exception's text (or a traceback in debug mode) to a client
+            text, code = HTTPStatus(status).phrase, "internal_error" if status == 500 else "timeout"
         else:
             # a client's malformed request is not the gateway's error: no traceback in the log for it
             if request.writer.output_size > 0:
                 raise ConnectionError("Response is sent already, cannot send another response with the error message")
             self.logger.debug("Bad HTTP request from %s: %s", request.remote, message)
-        if status >= 500:
-            # never echo an exception's text (or a traceback in debug mode) to a client
-            text, code = HTTPStatus(status).phrase, "internal_error" if status == 500 else "timeout"
-        else:
             text, code = message or HTTPStatus(status).phrase, "invalid_http_request"
         resp = error_response(status, code, text)
         resp.force_close()  # the stream may be out of sync after a parse error: as aiohttp does, close it
