@@ -70,10 +70,16 @@ def test_openai_client_chat_and_streamed_chat(vllm_replicas: list[Replica], gate
     assert chunks[-1].choices[0].finish_reason in ("stop", "length")
 
 
-def _normalise(sse: bytes) -> bytes:
-    """Per-request fields vLLM fills in (id, created) replaced, so two identical generations compare equal."""
-    sse = re.sub(rb'"id":"[^"]*"', b'"id":"X"', sse)
-    return re.sub(rb'"created":\d+', b'"created":0', sse)
+def _generation(sse: bytes) -> tuple[str, str | None]:
+    """The text and finish reason an SSE stream carries; vLLM may coalesce tokens into chunks differently per run."""
+    text, finish = [], None
+    for line in sse.split(b"\n"):
+        if not line.startswith(b"data: {"):
+            continue
+        choice = json.loads(line[len(b"data: "):])["choices"][0]
+        text.append(choice["delta"].get("content") or "")
+        finish = choice.get("finish_reason") or finish
+    return "".join(text), finish
 
 
 def test_streamed_bytes_equal_what_vllm_sent(vllm_replicas: list[Replica], gateways: ProcessGroup) -> None:
@@ -94,10 +100,11 @@ def test_streamed_bytes_equal_what_vllm_sent(vllm_replicas: list[Replica], gatew
     assert received == sent[0]  # byte for byte what vLLM sent
     assert received.rstrip().endswith(b"data: [DONE]")
 
-    # and the same bytes as asking vLLM directly (same seed, greedy), up to id and timestamp
+    # and the same generation as asking vLLM directly (same seed, greedy); chunk boundaries may differ
     status, direct = post_raw(replica.url + "/v1/chat/completions", body)
     assert status == 200
-    assert _normalise(received) == _normalise(direct)
+    assert _generation(received) == _generation(direct)
+    assert _generation(received)[0]
 
 
 def test_priority_is_forwarded_and_accepted(vllm_replicas: list[Replica], gateways: ProcessGroup) -> None:
