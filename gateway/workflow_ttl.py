@@ -50,7 +50,7 @@ class WorkflowStateReaper:
         """Forget every workflow with no call for `ttl_s`; returns how many were forgotten."""
         now = self.clock() if now is None else now
         st = self.state
-        maps = (st.workflow_pool, st.workflow_replica, st.workflow_started)
+        maps = st.workflow_maps()
         # workflows pinned without ever being placed (their calls were refused or timed out) have
         # no after-pick: they are first seen here, and expire a TTL later like the others
         last = self.last_call

@@ -68,9 +68,10 @@ def extract_features(
     if priority is not None and (not isinstance(priority, int) or isinstance(priority, bool)):
         raise InvalidRequest("'priority' must be an integer", "priority")
     text, system = prompt_text(body, chat)
+    prompt_tokens = estimate_tokens(text)
     return RequestFeatures(
         model=model,
-        prompt_tokens=estimate_tokens(text),
+        prompt_tokens=prompt_tokens,
         max_tokens=max_tokens,
         stream=stream,
         system_fingerprint=text_fingerprint(system),
@@ -78,4 +79,18 @@ def extract_features(
         system_prompt=system,
         priority=priority,
         arrival_s=now,
+        reply_end_tokens=reply_end_tokens(body["messages"], prompt_tokens) if chat else 0,
     )
+
+
+def reply_end_tokens(messages: list[dict[str, Any]], prompt_tokens: int) -> int:
+    """Where the last assistant message ends in the flattened prompt, in tokens (0 when there is none)."""
+    tail = 0  # characters after it (as `flatten_messages` writes them)
+    for m in reversed(messages):
+        if m.get("role") == "assistant":
+            return max(0, prompt_tokens - -(-tail // BYTES_PER_TOKEN))
+        content = m.get("content")
+        if isinstance(content, list):
+            content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
+        tail += len(m.get("role", "")) + 4 + len(content or "")
+    return 0

@@ -47,6 +47,9 @@ class RequestFeatures:
     # predictor.fingerprint.message_fingerprints(messages): one fingerprint per non-system message (its
     # first characters); lets an untagged call be linked to the workflow whose response it quotes
     message_fingerprints: tuple[str, ...] = ()
+    # where the prompt's last assistant message ends (tokens, by the estimate of prompt_tokens; 0 when
+    # there is none): an engine that generated that message for the previous call also caches it
+    reply_end_tokens: int = 0
 
     @property
     def total_tokens_requested(self) -> int:

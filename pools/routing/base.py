@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from pools.prefix_index import PrefixIndex
 from pools.routing.routing_index import RoutingPrefixIndex
@@ -29,6 +29,9 @@ class RoutingState:
     workflow_replica: dict[str, str] = field(default_factory=dict)
     # workflow id -> first time the router saw it (lookahead priority ages with it)
     workflow_started: dict[str, float] = field(default_factory=dict)
+    # workflow id -> (replica, full prompt blocks, hash of the last one) of its latest call: tells whether
+    # a call continues the previous one's conversation where the engine also cached the answer
+    workflow_tip: dict[str, tuple[str, int, int]] = field(default_factory=dict)
     # baselines that keep their own approximate caches (SGLang tree, llm-d LRU indexer), by plugin name
     indexes: dict[str, PrefixIndex] = field(default_factory=dict)
     # prefix tokens the index predicted as hits / tokens routed, per replica since the last reconcile
@@ -54,9 +57,17 @@ class RoutingState:
         if workflow not in self.workflow_started:
             self.workflow_started[workflow] = now
         if len(self.workflow_pool) > self.max_workflows:
-            for m in (self.workflow_pool, self.workflow_started, self.workflow_replica):
-                for k in list(m)[: len(m) - self.max_workflows]:
-                    del m[k]
+            self.trim_workflows()
+
+    def workflow_maps(self) -> tuple[dict[str, Any], ...]:
+        """Every per-workflow map, so that forgetting a workflow forgets it everywhere."""
+        return (self.workflow_pool, self.workflow_started, self.workflow_replica, self.workflow_tip)
+
+    def trim_workflows(self) -> None:
+        """Forget the oldest workflows beyond `max_workflows` in every per-workflow map."""
+        for m in self.workflow_maps():
+            for k in list(m)[: len(m) - self.max_workflows]:
+                del m[k]
 
 
 @dataclass(slots=True)

@@ -17,6 +17,4 @@ def record_workflow(ctx: RoutingContext, chosen: ReplicaState) -> None:
     if wf not in st.workflow_started:
         st.workflow_started[wf] = ctx.features.arrival_s or ctx.now
         if len(st.workflow_started) > st.max_workflows:
-            for k in list(st.workflow_started)[: len(st.workflow_started) - st.max_workflows]:
-                del st.workflow_started[k]
-                st.workflow_replica.pop(k, None)
+            st.trim_workflows()

@@ -6,7 +6,8 @@ from __future__ import annotations
 from pools.prefix_hash import DEFAULT_BLOCK_CHARS
 from pools.request_features import BYTES_PER_TOKEN
 from pools.routing.base import RoutingContext, RoutingState
-from pools.routing.sampling import ENTRIES_PER_BLOCK
+from pools.routing.pool_choice import workflow_id
+from pools.routing.sampling import ENTRIES_PER_BLOCK, full_match_blocks
 from pools.types import ReplicaState
 
 TOKENS_PER_BLOCK = DEFAULT_BLOCK_CHARS // BYTES_PER_TOKEN
@@ -26,9 +27,26 @@ def record_prediction(ctx: RoutingContext, chosen: ReplicaState) -> None:
     """After a pick: remember how many prompt tokens the index expected to hit on the chosen replica."""
     state = ctx.state
     size_from_capacity(state, chosen)
-    prompt = ctx.features.prompt_tokens
-    hit = min(prompt, ctx.matched_blocks().get(chosen.url, 0) * TOKENS_PER_BLOCK)
+    f = ctx.features
+    prompt = f.prompt_tokens
     url = chosen.url
+    hit_blocks = ctx.matched_blocks().get(url, 0)
+    hit = min(prompt, hit_blocks * TOKENS_PER_BLOCK)
+    wf = workflow_id(ctx)
+    if wf and f.prefix_hashes:
+        hashes = f.prefix_hashes
+        tip = state.workflow_tip.get(wf)
+        # The index holds prompts only, but an engine also caches the tokens it generated: a call that
+        # continues its workflow's previous call on the same replica (its prompt extends that call's
+        # prompt, which the index still holds) hits the previous answer too, up to where it ends here.
+        # Without this credit the hit rate the replicas report exceeds the prediction for every
+        # conversation, and reconciliation would grow the index past what the engines hold.
+        if tip is not None and tip[0] == url:
+            n = tip[1]
+            if n <= len(hashes) and hashes[n - 1] == tip[2] and hit_blocks >= full_match_blocks(n):
+                # and the index, which samples block positions, under-reports that previous prompt
+                hit = min(prompt, max(hit, n * TOKENS_PER_BLOCK, f.reply_end_tokens))
+        state.workflow_tip[wf] = (url, len(hashes), hashes[-1])
     state.predicted_hit_tokens[url] = state.predicted_hit_tokens.get(url, 0.0) + hit
     state.routed_prompt_tokens[url] = state.routed_prompt_tokens.get(url, 0.0) + prompt
 
@@ -39,9 +57,10 @@ def reconcile_prefix_index(
     """Correct one replica's index share from the scraped counters' increase since the last call.
 
     `query_tokens`/`hit_tokens`: increase of `vllm:prefix_cache_queries`/`_hits` since the previous
-    reconcile. When the replica hits much less than the index predicted, the index remembers blocks
-    vLLM already evicted: shrink its share (at most halve it); when it hits more, grow it (up to twice
-    the KV capacity). Returns the new share in index entries, or None when there was too little traffic.
+    reconcile. Once the engine's cache has filled (it evicts), when the replica hits much less than the
+    index predicted, the index remembers blocks vLLM already evicted: shrink its share (at most halve
+    it); when it hits more and the share is full, grow it (up to twice the KV capacity). Returns the
+    share in index entries, or None when there was too little traffic.
     """
     url = replica.url
     routed = state.routed_prompt_tokens.get(url, 0.0)
@@ -57,8 +76,15 @@ def reconcile_prefix_index(
         else 0
     )
     current = state.index_capacity.get(url) or base or 16384
+    # Until the engine has computed a KV cache's worth of prompt tokens it has evicted nothing, so a
+    # gap between predicted and observed hits says nothing about the index's size (block alignment,
+    # prompts the index never saw): leave the share as sized.
+    computed = replica.prefix_cache_queries - replica.prefix_cache_hits
+    if replica.kv_capacity_tokens > 0 and computed < replica.kv_capacity_tokens:
+        return current
     ratio = (observed + 0.02) / (predicted + 0.02)
-    if 0.8 <= ratio <= 1.25:
+    # growing a share the index has not filled changes nothing now and keeps stale blocks later
+    if 0.8 <= ratio <= 1.25 or (ratio > 1.25 and state.prefix_index.size(url) < 0.9 * current):
         return current
     new = int(current * min(1.5, max(0.5, ratio)))
     upper = 2 * base if base else 4 * current

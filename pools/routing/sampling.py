@@ -51,3 +51,8 @@ def sampled(hashes: Sequence[int]) -> tuple[int, ...]:
 def blocks_for(samples_matched: int) -> int:
     """Leading blocks covered by the first `samples_matched` sampled positions."""
     return POSITIONS[samples_matched - 1] + 1 if samples_matched > 0 else 0
+
+
+def full_match_blocks(n: int) -> int:
+    """Leading blocks a match reports for a prompt of `n` blocks that the index holds in full."""
+    return BLOCKS_FOR[_COUNT[min(n, MAX_BLOCKS)]]

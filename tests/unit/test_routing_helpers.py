@@ -29,8 +29,9 @@ def call(
     prediction: Prediction | None = None,
     tags: Tags | None = None,
     now: float = 0.0,
+    messages: list[dict[str, str]] | None = None,
 ) -> RoutingContext:
-    body: dict = {"model": "m", "messages": [{"role": "user", "content": text}]}
+    body: dict = {"model": "m", "messages": messages or [{"role": "user", "content": text}]}
     if max_tokens is not None:
         body["max_tokens"] = max_tokens
     f = extract_features(body, True, now)

@@ -183,9 +183,61 @@ def test_prefix_index_is_sized_from_kv_capacity_and_reconciled_from_hit_rate() -
         route(call(st, text, prediction=warm("wf8")), v, p)
     r = v.replica(replica)
     assert r is not None
-    # the index expected mostly hits; the replica reports almost none: it evicted, so the share shrinks
-    new = reconcile_prefix_index(st, r, query_tokens=12_000.0, hit_tokens=100.0)
-    assert new is not None and new < int(64_000 // TOKENS_PER_BLOCK * ENTRIES_PER_BLOCK)
+    base = int(64_000 // TOKENS_PER_BLOCK * ENTRIES_PER_BLOCK)
+
+    def reconcile(queries: float, hits: float, total_computed: float) -> int | None:
+        for _ in range(3):
+            route(call(st, text, prediction=warm("wf8")), v, p)
+        r.prefix_cache_queries, r.prefix_cache_hits = total_computed, 0.0
+        return reconcile_prefix_index(st, r, query_tokens=queries, hit_tokens=hits)
+
+    # the index expected mostly hits and the replica reports almost none, but it has not computed a KV
+    # cache's worth of tokens yet, so it cannot have evicted anything: the share stays
+    assert reconcile(12_000.0, 100.0, total_computed=30_000.0) == base
+    # once it has, it evicted what the index still remembers: the share shrinks
+    new = reconcile(12_000.0, 100.0, total_computed=70_000.0)
+    assert new is not None and new < base
+
+    # hitting more than predicted grows only a share the index has filled; this one holds one prompt
+    def hits_more_than_predicted() -> int | None:
+        st.predicted_hit_tokens[replica], st.routed_prompt_tokens[replica] = 3_000.0, 12_000.0
+        return reconcile_prefix_index(st, r, query_tokens=12_000.0, hit_tokens=9_000.0)
+
+    assert st.prefix_index.size(replica) < 0.9 * new
+    assert hits_more_than_predicted() == new
+    full = st.index_capacity[replica] = st.prefix_index.size(replica)
+    st.prefix_index.set_capacity(replica, full)
+    grown = hits_more_than_predicted()
+    assert grown is not None and grown > full
+
+
+def test_predicted_hits_count_the_answer_an_engine_cached_for_the_previous_call() -> None:
+    v, st, p = cluster(kv_capacity=1_000_000), RoutingState(), make_policy("pythia")
+    convo = [{"role": "system", "content": "be brief " * 100}, {"role": "user", "content": "question " * 300}]
+    first = route(call(st, messages=convo, prediction=warm("wf9")), v, p).replica
+    answer = {"role": "assistant", "content": "an answer " * 400}  # ~1,000 tokens the engine generated
+    convo += [answer, {"role": "user", "content": "and then? " * 20}]
+    ctx = call(st, messages=convo, prediction=warm("wf9"))
+    f = ctx.features
+    assert f.reply_end_tokens == f.prompt_tokens - (len("<|user|>") + 200 + 3) // 4
+    before = st.predicted_hit_tokens[first]
+    assert route(ctx, v, p).replica == first
+    predicted = st.predicted_hit_tokens[first] - before
+    # the index only ever saw the first prompt (~1,250 tokens); the engine holds the answer as well
+    assert ctx.matched_blocks()[first] * TOKENS_PER_BLOCK < 1_300
+    assert predicted == f.reply_end_tokens
+
+    # the same conversation continued by another workflow's call, or after a different system prompt:
+    # no engine generated that answer behind this prefix, so only what the index holds counts
+    for wf, system in (("other", "be brief "), ("wf9", "be thorough ")):
+        st2 = RoutingState()
+        route(call(st2, messages=convo[:2], prediction=warm("wf9")), v, p)
+        ctx = call(st2, messages=[{"role": "system", "content": system * 100}, *convo[1:]], prediction=warm(wf))
+        replica = route(ctx, v, p).replica
+        assert ctx.features.reply_end_tokens > 0
+        assert st2.predicted_hit_tokens[replica] == min(
+            ctx.features.prompt_tokens, ctx.matched_blocks().get(replica, 0) * TOKENS_PER_BLOCK
+        ) < ctx.features.reply_end_tokens
 
 
 def test_lookahead_priority_prefers_workflows_near_their_end_and_ages() -> None:
