@@ -146,9 +146,7 @@ class Gateway:
             timeout_s=settings.health_timeout_s,
             unhealthy_after=settings.unhealthy_after,
             scrape_interval_s=settings.metrics_scrape_interval_s,
-            # Live hit-rate reconciliation stays off until it is validated against engines: in the
-            # live pre-warm test it kept evicted prompts in the index (see docs/benchmarks.md, Routing).
-            reconcile_prefix_index=False,
+            reconcile_prefix_index=settings.prefix_reconcile,
         )
         self.session: aiohttp.ClientSession | None = None  # passthrough calls (off the hot path)
         self.upstreams: dict[str, ReplicaPool] = {}  # completions: keep-alive pool per replica URL

@@ -88,6 +88,9 @@ class Settings(BaseSettings):
     prewarm: bool = Field(True, description="send the policy's pre-warm prefills (max_tokens=1) in the background")
     prewarm_concurrency: int = Field(4, ge=1, description="pre-warm requests in flight per worker at most")
     prewarm_timeout_s: float = Field(10.0, gt=0, description="timeout of one pre-warm request")
+    prefix_reconcile: bool = Field(
+        True, description="resize each replica's share of the prefix index from the hit rate its engine reports"
+    )
     autoscale_interval_s: float = Field(5.0, gt=0, description="period of recomputing pythia_pool_desired_replicas")
     autoscale_horizon_s: float = Field(120.0, gt=0, description="how far ahead the predictive signal looks")
     autoscale_step_s: float = Field(8.0, gt=0, description="typical seconds per workflow step (service + tool time)")

@@ -87,8 +87,10 @@ def reconcile_prefix_index(
     if 0.8 <= ratio <= 1.25 or (ratio > 1.25 and state.prefix_index.size(url) < 0.9 * current):
         return current
     new = int(current * min(1.5, max(0.5, ratio)))
-    upper = 2 * base if base else 4 * current
-    new = max(64, min(new, upper))
+    # within a factor of 2 above and 4 below the share sized from KV capacity: the range of what the
+    # sizing's average can get wrong (never a fixed floor, which for a small cache would be a multiple of it)
+    lower, upper = (max(1, base // 4), 2 * base) if base else (64, 4 * current)
+    new = max(lower, min(new, upper))
     state.index_capacity[url] = new
     state.prefix_index.set_capacity(url, new)
     return new
