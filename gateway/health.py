@@ -16,7 +16,7 @@ import aiohttp
 from gateway.metrics import GatewayMetrics
 from gateway.scrape import parse_vllm_metrics
 from pools.routing.base import RoutingState
-from pools.routing.reconcile import after_scrape
+from pools.routing.reconcile import after_scrape, index_share_ratio
 from pools.types import ClusterView, ReplicaState
 
 log = logging.getLogger("pythia.health")
@@ -157,6 +157,9 @@ class ReplicaMonitor:
             r.kv_capacity_tokens = s.kv_capacity_tokens
         # the same index sizing and restart handling the virtual-time harness applies after its scrapes
         after_scrape(self.routing_state, r, capacity_changed, self.reconcile_prefix_index)
+        ratio = index_share_ratio(self.routing_state, r)
+        if ratio is not None and self.metrics is not None:
+            self.metrics.set_prefix_index_share(r.url, ratio)
         r.last_scrape_s = time.monotonic()
         return True
 

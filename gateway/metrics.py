@@ -63,6 +63,12 @@ class GatewayMetrics:
             "pythia_replica_healthy", "1 when the replica passes health checks (min over workers)", ["pool", "replica"],
             multiprocess_mode="livemin", registry=reg,
         )
+        self.prefix_index_share = Gauge(
+            "pythia_prefix_index_share_ratio",
+            "A replica's share of the gateway's prefix index over the share sized from its KV capacity "
+            "(1 until hit-rate reconciliation corrects it; max over workers)",
+            ["replica"], multiprocess_mode="livemax", registry=reg,
+        )  # fmt: skip
         self.predictor_stats = Gauge(
             "pythia_predictor_stat", "Predictor counters (predictor.stats()), summed over workers", ["name"],
             multiprocess_mode="livesum", registry=reg,
@@ -176,6 +182,9 @@ class GatewayMetrics:
 
     def upstream_error(self, replica: str, kind: str) -> None:
         self.upstream_errors.labels(replica, kind).inc()
+
+    def set_prefix_index_share(self, replica: str, ratio: float) -> None:
+        self.prefix_index_share.labels(replica).set(ratio)
 
     def set_predictor_stats(self, stats: dict[str, float]) -> None:
         for name, value in stats.items():

@@ -14,11 +14,25 @@ TOKENS_PER_BLOCK = DEFAULT_BLOCK_CHARS // BYTES_PER_TOKEN
 MIN_QUERY_TOKENS = 4096.0  # fewer prompt tokens since the last reconcile: too little evidence
 
 
+def kv_sized_share(replica: ReplicaState) -> int:
+    """Index entries matching the replica's KV cache (0 while its capacity is unknown)."""
+    if replica.kv_capacity_tokens <= 0:
+        return 0
+    return max(1, int(replica.kv_capacity_tokens // TOKENS_PER_BLOCK * ENTRIES_PER_BLOCK))
+
+
+def index_share_ratio(state: RoutingState, replica: ReplicaState) -> float | None:
+    """The replica's current index share over its KV-sized share (None until both are known)."""
+    base = kv_sized_share(replica)
+    share = state.index_capacity.get(replica.url)
+    return share / base if base and share else None
+
+
 def size_from_capacity(state: RoutingState, replica: ReplicaState) -> None:
     """Give the replica an index share matching its KV cache (in sampled entries), once its capacity is known."""
     if replica.kv_capacity_tokens > 0 and replica.url not in state.sized_replicas:
         state.sized_replicas.add(replica.url)
-        entries = max(1, int(replica.kv_capacity_tokens // TOKENS_PER_BLOCK * ENTRIES_PER_BLOCK))
+        entries = kv_sized_share(replica)
         state.index_capacity[replica.url] = entries
         state.prefix_index.set_capacity(replica.url, entries)
 
@@ -70,11 +84,7 @@ def reconcile_prefix_index(
     observed = hit_tokens / query_tokens
     state.predicted_hit_tokens[url] = 0.0
     state.routed_prompt_tokens[url] = 0.0
-    base = (
-        max(1, int(replica.kv_capacity_tokens // TOKENS_PER_BLOCK * ENTRIES_PER_BLOCK))
-        if replica.kv_capacity_tokens > 0
-        else 0
-    )
+    base = kv_sized_share(replica)
     current = state.index_capacity.get(url) or base or 16384
     # Until the engine has computed a KV cache's worth of prompt tokens it has evicted nothing, so a
     # gap between predicted and observed hits says nothing about the index's size (block alignment,

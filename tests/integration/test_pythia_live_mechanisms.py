@@ -300,3 +300,16 @@ async def test_untagged_workflow_calls_are_linked_live(cluster: Proc, http: aioh
     got = await eventually(linked)
     assert got, "untagged calls were not linked"
     assert got["predictor_new_untagged"] == 1  # three calls, one workflow
+
+
+async def test_prefix_index_share_is_exported_per_replica_within_its_bounds(
+    warm: Proc, http: aiohttp.ClientSession
+) -> None:
+    # after the warm-up every engine (8-10k tokens of KV) has computed more than its cache holds, so the
+    # gateway reconciles each replica's index share from its hit counters: the share stays within 1/4-2x
+    async with http.get(warm.url + "/pythia/replicas") as r:
+        replicas = [x["url"] for p in (await r.json())["pools"] for x in p["replicas"]]
+    assert len(replicas) == 3
+    for url in replicas:
+        ratio = await metric(http, warm.url, "pythia_prefix_index_share_ratio", f'replica="{url}"')
+        assert 0.25 <= ratio <= 2.0, (url, ratio)
