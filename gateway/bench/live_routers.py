@@ -96,7 +96,7 @@ def run_one(name: str, a: argparse.Namespace, tmp: Path) -> dict[str, object]:
         argv = ["run", "--target", url, "--model", MODEL, "--workload", a.workload, "--rate", str(a.rate),
                 "--duration", str(a.duration), "--seed", str(a.seed), "--think-scale", str(a.think_scale),
                 "--output-scale", str(a.output_scale), "--metrics-url", ",".join(ups), "--no-progress",
-                "--out", str(out)]
+                "--out", str(out), *(["--untagged"] if a.untagged else [])]
         print(f"== {name}: pythia-loadgen {' '.join(argv)}", flush=True)
         rc = loadgen_main(argv)
         if rc != 0:
@@ -118,6 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--think-scale", type=float, default=0.5)
     ap.add_argument("--output-scale", type=float, default=1.0)
+    ap.add_argument("--untagged", action="store_true",
+                    help="send no X-Pythia-* tags (a drop-in client that changed only its base URL)")
     ap.add_argument("--baseline", default="vllm-router:cache_aware", help="speedup column against this target")
     ap.add_argument("--out", default="docs/results/live-routers.json")
     a = ap.parse_args(argv)
