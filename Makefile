@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: redis venv demo test lint typecheck bench-predictor bench-routing bench-gateway real-vllm clean
+.PHONY: redis venv demo test lint typecheck bench-predictor bench-routing bench-gateway real-vllm clean compiled test-compiled
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -39,8 +39,35 @@ bench-routing: $(STAMP)
 bench-gateway: $(STAMP)
 	$(BIN)/python -m gateway.bench.overhead --out docs/results/gateway-overhead.json
 
+# Opt-in compiled build (mypyc; the modules listed in pools/build_info.py): a wheel built with
+# PYTHIA_COMPILE=1 from a copy of the tree (no .so ever lands next to the sources), installed into
+# $(COMPILED), which shares the dev venv's dependencies through a .pth line. Run it from outside the
+# repository so imports resolve to it: `cd /tmp && $(CURDIR)/$(COMPILED)/bin/pythia serve ...`.
+COMPILED := .venv-compiled
+CBUILD := build/compiled
+# the fast unit tests of routing, prefix index, predictor and features, run against the compiled build
+COMPILED_TESTS := tests/unit/test_compiled_build.py tests/unit/test_routing_*.py tests/unit/test_prefix_index*.py \
+	tests/unit/test_predictor_*.py tests/unit/test_gateway_features.py tests/unit/test_gateway_tags.py
+
+compiled: $(STAMP)
+	rm -rf $(CBUILD) && mkdir -p $(CBUILD)/src
+	tar --exclude=__pycache__ --exclude='*.so' -cf - pyproject.toml setup.py README.md gateway pools predictor loadgen \
+		| tar -xf - -C $(CBUILD)/src
+	cd $(CBUILD)/src && PYTHIA_COMPILE=1 PYTHIA_MYPY_REQUIREMENT="mypy==$$($(CURDIR)/$(BIN)/python -c 'import mypy.version as v; print(v.__version__)')" \
+		$(CURDIR)/$(BIN)/pip wheel -q --no-deps -w ../dist .
+	test -x $(COMPILED)/bin/python || $(BIN)/python -m venv --without-pip $(COMPILED)
+	$(BIN)/python -c 'import sysconfig; print(sysconfig.get_path("purelib"))' \
+		> $$($(COMPILED)/bin/python -c 'import sysconfig; print(sysconfig.get_path("purelib"))')/_pythia_dev_deps.pth
+	$(BIN)/pip --python $(COMPILED)/bin/python install -q --no-deps --force-reinstall $(CBUILD)/dist/*.whl
+	$(COMPILED)/bin/python -P -c 'import pools.build_info as b; assert b.loaded_build() == "compiled", b.compiled_modules()'
+
+test-compiled: compiled
+	rm -rf $(CBUILD)/run && mkdir -p $(CBUILD)/run && cp -r tests pyproject.toml $(CBUILD)/run/
+	cd $(CBUILD)/run && PYTHIA_EXPECT_BUILD=compiled $(CURDIR)/$(COMPILED)/bin/python -m pytest -q -p no:cacheprovider $(COMPILED_TESTS)
+	$(BIN)/python -m pytest -q tests/unit/test_compiled_build.py  # same decisions and runs as the source
+
 real-vllm:
 	bash deploy/local/vllm-cpu.sh
 
 clean:
-	rm -rf $(VENV) build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(COMPILED) build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache

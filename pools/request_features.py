@@ -86,7 +86,7 @@ def extract_features(
 def reply_end_tokens(messages: list[dict[str, Any]], prompt_tokens: int) -> int:
     """Where the last assistant message ends in the flattened prompt, in tokens (0 when there is none)."""
     tail = 0  # characters after it (as `flatten_messages` writes them)
-    for m in reversed(messages):
+    for m in messages[::-1]:  # (mypyc 2.4 cannot compile reversed() over this list)
         if m.get("role") == "assistant":
             return max(0, prompt_tokens - -(-tail // BYTES_PER_TOKEN))
         content = m.get("content")

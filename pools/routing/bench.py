@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import hashlib
 import json
 import os
 import random
@@ -22,6 +23,7 @@ from dataclasses import replace
 
 import numpy as np
 
+from pools.build_info import loaded_build
 from pools.request_features import extract_features
 from pools.routing import RouteError, RoutingContext, RoutingState, make_policy, route
 from pools.types import ClusterView, PoolConfig
@@ -100,6 +102,29 @@ def time_policy(name: str, replicas: int, decisions: int, seed: int = 0) -> dict
     return {"p50_us": float(np.percentile(us, 50)), "p99_us": float(np.percentile(us, 99)),
             "max_us": float(us.max()), "cpu_p50_us": float(np.percentile(cus, 50)),
             "cpu_p99_us": float(np.percentile(cus, 99)), "decisions": decisions, "replicas": replicas}
+
+
+def decision_digest(name: str, replicas: int, decisions: int, seed: int = 0) -> str:
+    """SHA-256 over every field of every decision of `time_policy`'s call sequence (untimed): equal
+    digests from two builds (compiled and interpreted) mean they made the same decisions."""
+    rng = random.Random(seed)
+    view, state, policy = build_cluster(replicas), RoutingState(), make_policy(name)
+    calls = build_calls(min(decisions, 2000), rng)
+    by_url = {r.url: r for p in view.pools for r in p.replicas}
+    digest = hashlib.sha256()
+    for i in range(decisions):
+        f, pred, tags = calls[i % len(calls)]
+        d = route(RoutingContext(replace(f, arrival_s=float(i)), tags, pred, float(i), state), view, policy)
+        e = d.error
+        fields = (d.pool, d.replica, d.priority, d.queue, d.reason, d.kv_reserve_tokens, d.kv_expected_tokens,
+                  None if e is None else (e.status, e.code, e.message, e.retry_after_s),
+                  [(a.replica, a.messages, a.model, a.prefix_hashes, a.workflow) for a in d.prewarm])
+        digest.update(repr(fields).encode())
+        r = by_url.get(d.replica)
+        if r is not None:
+            r.inflight = max(0, r.inflight + rng.choice((-1, 1)))
+            r.reserved_kv_tokens = max(0, r.reserved_kv_tokens + rng.randint(-3000, 3000))
+    return digest.hexdigest()
 
 
 def stage_breakdown(name: str, replicas: int, decisions: int, seed: int = 0) -> dict[str, float]:
@@ -181,7 +206,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--policies", default="round_robin,least_loaded,session,prefix,llmd,pythia")
     ap.add_argument("--out", default="")
     ap.add_argument("--breakdown", action="store_true", help="also print each stage's median thread CPU (us)")
+    ap.add_argument("--digest", action="store_true",
+                    help="print a digest of each policy's decisions instead of timing (compare builds)")
     a = ap.parse_args(argv)
+    build = loaded_build()
+    if a.digest:
+        for name in a.policies.split(","):
+            print(name, decision_digest(name, a.replicas, a.decisions), flush=True)
+        return 0
+    print(f"build: {build}", flush=True)
     results: dict[str, dict] = {}
     for name in a.policies.split(","):
         results[name] = time_policy(name, a.replicas, a.decisions)
@@ -194,7 +227,8 @@ def main(argv: list[str] | None = None) -> int:
     if a.out:
         with open(a.out, "w") as fh:
             json.dump({"config": {"replicas": a.replicas, "decisions": a.decisions, "python": sys.version.split()[0],
-                                  "loadavg_1m": os.getloadavg()[0], "cpus": os.cpu_count()},
+                                  "loadavg_1m": os.getloadavg()[0], "cpus": os.cpu_count(),
+                                  "build": build},
                        "results": results}, fh, indent=2)
     return 0
 

@@ -1,0 +1,95 @@
+"""The opt-in compiled build (`make compiled`): its modules are C extensions and decide as the source does.
+
+The dev install (`pip install -e .`) must stay pure Python; `make test-compiled` runs this file (and the
+routing, prefix-index, predictor and feature tests) with the compiled venv's interpreter and
+PYTHIA_EXPECT_BUILD=compiled. The checks against `.venv-compiled` skip when it has not been built.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pools.build_info import COMPILED_SOURCES, compiled_modules, loaded_build
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+COMPILED_PYTHON = REPO_ROOT / ".venv-compiled" / "bin" / "python"
+needs_compiled = pytest.mark.skipif(
+    not COMPILED_PYTHON.exists() or os.environ.get("PYTHIA_EXPECT_BUILD") == "compiled",
+    reason="no .venv-compiled (make compiled), or this run already is the compiled build",
+)
+
+
+def test_this_run_imports_the_expected_build() -> None:
+    # the dev run must import the source; `make test-compiled` sets PYTHIA_EXPECT_BUILD=compiled
+    expected = os.environ.get("PYTHIA_EXPECT_BUILD", "interpreted")
+    assert loaded_build() == expected, compiled_modules()
+    if expected == "compiled":
+        import pools.routing.router
+
+        assert pools.routing.router.__file__ is not None and pools.routing.router.__file__.endswith(".so")
+
+
+def test_every_listed_source_exists() -> None:
+    for source in COMPILED_SOURCES:
+        assert (REPO_ROOT / source).is_file() or os.environ.get("PYTHIA_EXPECT_BUILD") == "compiled", source
+
+
+def _run(python: Path | str, cwd: Path, *args: str) -> str:
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHIA_EXPECT_BUILD")}
+    done = subprocess.run([str(python), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+@needs_compiled
+def test_compiled_venv_loads_extensions(tmp_path: Path) -> None:
+    # from a directory outside the repository, so the source tree is not on sys.path
+    out = _run(COMPILED_PYTHON, tmp_path, "-c", "import json, pools.build_info as b; print(json.dumps(b.compiled_modules()))")
+    modules = json.loads(out)
+    assert modules and all(modules.values()), modules
+
+
+@needs_compiled
+def test_compiled_build_makes_the_same_decisions(tmp_path: Path) -> None:
+    # every policy and ablation on the decision benchmark's call sequence, each decision's every field
+    from pools.routing.policies import POLICIES
+
+    args = ("-m", "pools.routing.bench", "--digest", "--replicas", "16", "--decisions", "600",
+            "--policies", ",".join(POLICIES))
+    compiled = _run(COMPILED_PYTHON, tmp_path, *args)
+    interpreted = _run(sys.executable, REPO_ROOT, *args)
+    assert len(compiled.splitlines()) == len(POLICIES)
+    assert compiled == interpreted
+
+
+@needs_compiled
+def test_compiled_build_simulates_the_same_run(tmp_path: Path) -> None:
+    # predictor (untagged calls: roles and workflows inferred), routing and prefix index together, in
+    # virtual time: the whole results JSON but the wall-clock time is the same
+    def compare(python: Path | str, cwd: Path, out: Path) -> dict:
+        _run(python, cwd, "-m", "loadgen.cli", "compare", "--workload", "mixed", "--workflows", "30", "--untagged",
+             "--load", "0.9", "--capacity", "10", "--replicas", "4", "--preset", "llama-3.1-8b-a100",
+             "--policies", "pythia,llmd", "--no-progress", "--out", str(out))
+        results = json.loads(out.read_text())["results"]
+        for r in results.values():
+            r["sim"].pop("wall_s")
+        return results
+
+    compiled = compare(COMPILED_PYTHON, tmp_path, tmp_path / "compiled.json")
+    interpreted = compare(sys.executable, REPO_ROOT, tmp_path / "interpreted.json")
+    assert set(compiled) == {"pythia", "llmd"}
+    assert compiled == interpreted
+
+
+def test_container_image_builds_the_compiled_gateway() -> None:
+    # deploy/Dockerfile: setup.py in the context and the build stage, PYTHIA_COMPILE=1 unless overridden
+    dockerfile = (REPO_ROOT / "deploy" / "Dockerfile").read_text()
+    assert "ARG PYTHIA_COMPILE=1" in dockerfile and "PYTHIA_COMPILE=${PYTHIA_COMPILE}" in dockerfile
+    assert "COPY pyproject.toml setup.py" in dockerfile
+    assert "!setup.py" in (REPO_ROOT / "deploy" / "Dockerfile.dockerignore").read_text().split()
