@@ -200,6 +200,16 @@ def main(argv: list[str]) -> int:
         print("pythia serve: --port 0 needs --workers 1 (workers must share one known port)", file=sys.stderr)
         return 2
     setup_logging(settings.log_level, settings.log_json)
+    from pools.build_info import loaded_build
+
+    # which build runs (compiled by `make compiled`, or the source); PYTHIA_EXPECT_BUILD makes a wrong
+    # one fatal, so a benchmark of the compiled gateway cannot silently measure the interpreted one
+    build = loaded_build()
+    log.info("build", extra={"build": build})
+    expected = os.environ.get("PYTHIA_EXPECT_BUILD", "")
+    if expected and expected != build:
+        print(f"pythia serve: PYTHIA_EXPECT_BUILD={expected} but the {build} build is loaded", file=sys.stderr)
+        return 2
     _raise_open_files_limit()
     if settings.workers == 1:
         if settings.metrics_dir:

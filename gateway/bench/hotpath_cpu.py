@@ -131,7 +131,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batches", type=int, default=1, help="consecutive batches of --requests in each gateway")
     a = p.parse_args(argv)
     out = [x for _ in range(a.repeat) for x in uvloop.run(run(a.policy, a.requests, a.stream, a.batches))]
-    print(orjson.dumps({"policy": a.policy, "stream": a.stream, "cpu_us_per_req": [round(x, 1) for x in out]}).decode())
+    from pools.build_info import loaded_build
+
+    print(orjson.dumps({"policy": a.policy, "stream": a.stream, "build": loaded_build(),
+                        "cpu_us_per_req": [round(x, 1) for x in out]}).decode())
     return 0
 
 

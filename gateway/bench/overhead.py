@@ -38,7 +38,11 @@ TARGETS = [
     "pythia:round_robin",
     "pythia:pythia",
     "pythia-aiohttp:round_robin",  # PYTHIA_FAST_PATH=0: what the fast server path saves, in the same run
+    # the same gateway from the opt-in compiled build (`make compiled`: mypyc, its own venv)
+    "pythia-compiled:round_robin",
+    "pythia-compiled:pythia",
 ]
+COMPILED_VENV = Path(".venv-compiled")
 
 
 def group_cpu_s(pgids: list[int]) -> float:
@@ -211,13 +215,19 @@ def target(name: str, upstreams: list[str], tmp: Path) -> Iterator[tuple[str, li
                 log=tmp / f"{kind}-{policy}.log",
             )
             wait_http(base + "/health")
-        elif kind in ("pythia", "pythia-aiohttp"):
+        elif kind in ("pythia", "pythia-aiohttp", "pythia-compiled"):
             pools = [{"name": "short", "max_context_tokens": 32768, "models": [MODEL], "replicas": upstreams}]
+            # the compiled build's console script (its sys.path starts at its own bin/, not the repo);
+            # PYTHIA_EXPECT_BUILD makes `pythia serve` refuse to start if another build would be loaded
+            bin_dir = COMPILED_VENV / "bin" if kind == "pythia-compiled" else Path(sys.executable).parent
+            if not (bin_dir / "pythia").exists():
+                raise FileNotFoundError(f"{bin_dir / 'pythia'} (run `make compiled`)")
             procs.start(
-                [str(Path(sys.executable).parent / "pythia"), "serve"],
+                [str(bin_dir / "pythia"), "serve"],
                 env={"PYTHIA_HOST": "127.0.0.1", "PYTHIA_PORT": str(port), "PYTHIA_WORKERS": "2",
                      "PYTHIA_POOLS": json.dumps(pools), "PYTHIA_POLICY": policy, "PYTHIA_LOG_LEVEL": "warning",
-                     "PYTHIA_FAST_PATH": "0" if kind == "pythia-aiohttp" else "1"},
+                     "PYTHIA_FAST_PATH": "0" if kind == "pythia-aiohttp" else "1",
+                     "PYTHIA_EXPECT_BUILD": "compiled" if kind == "pythia-compiled" else "interpreted"},
                 log=tmp / f"{kind}-{policy}.log",
             )
             wait_http(base + "/ready")

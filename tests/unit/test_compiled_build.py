@@ -87,9 +87,21 @@ def test_compiled_build_simulates_the_same_run(tmp_path: Path) -> None:
     assert compiled == interpreted
 
 
+@pytest.mark.skipif(not (REPO_ROOT / "deploy").is_dir(), reason="run on a copy of tests/ (make test-compiled)")
 def test_container_image_builds_the_compiled_gateway() -> None:
     # deploy/Dockerfile: setup.py in the context and the build stage, PYTHIA_COMPILE=1 unless overridden
     dockerfile = (REPO_ROOT / "deploy" / "Dockerfile").read_text()
     assert "ARG PYTHIA_COMPILE=1" in dockerfile and "PYTHIA_COMPILE=${PYTHIA_COMPILE}" in dockerfile
     assert "COPY pyproject.toml setup.py" in dockerfile
     assert "!setup.py" in (REPO_ROOT / "deploy" / "Dockerfile.dockerignore").read_text().split()
+
+
+def test_serve_refuses_to_start_on_another_build_than_expected(tmp_path: Path) -> None:
+    # what the gateway benchmark relies on: `pythia-compiled:*` can never silently measure the source
+    want = "interpreted" if os.environ.get("PYTHIA_EXPECT_BUILD") == "compiled" else "compiled"
+    pools = '[{"name": "short", "max_context_tokens": 32768, "models": ["m"], "replicas": ["http://127.0.0.1:9"]}]'
+    env = {**os.environ, "PYTHIA_EXPECT_BUILD": want, "PYTHIA_POOLS": pools, "PYTHIA_WORKERS": "1", "PYTHIA_PORT": "0"}
+    done = subprocess.run([sys.executable, "-m", "gateway.cli", "serve"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert f"PYTHIA_EXPECT_BUILD={want} but the {loaded_build()} build is loaded" in done.stderr
