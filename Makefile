@@ -36,7 +36,7 @@ bench-routing: $(STAMP)
 		--workload mixed --load 0.9 --replicas 8 --preset llama-3.1-8b-a100 --workflows 400 --no-progress \
 		--out docs/results/routing-peak.json
 
-bench-gateway: $(STAMP)
+bench-gateway: $(STAMP) compiled
 	$(BIN)/python -m gateway.bench.overhead --out docs/results/gateway-overhead.json
 
 # Opt-in compiled build (mypyc; the modules listed in pools/build_info.py): a wheel built with
@@ -64,7 +64,8 @@ compiled: $(STAMP)
 test-compiled: compiled
 	rm -rf $(CBUILD)/run && mkdir -p $(CBUILD)/run && cp -r tests pyproject.toml $(CBUILD)/run/
 	cd $(CBUILD)/run && PYTHIA_EXPECT_BUILD=compiled $(CURDIR)/$(COMPILED)/bin/python -m pytest -q -p no:cacheprovider $(COMPILED_TESTS)
-	$(BIN)/python -m pytest -q tests/unit/test_compiled_build.py  # same decisions and runs as the source
+	# same decisions and runs as the source; the compiled gateway serves as bench-gateway starts it
+	PYTHIA_COMPILED_CHECKS=1 $(BIN)/python -m pytest -q tests/unit/test_compiled_build.py tests/integration/test_compiled_gateway.py
 
 real-vllm:
 	bash deploy/local/vllm-cpu.sh

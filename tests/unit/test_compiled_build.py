@@ -18,11 +18,36 @@ import pytest
 from pools.build_info import COMPILED_SOURCES, compiled_modules, loaded_build
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-COMPILED_PYTHON = REPO_ROOT / ".venv-compiled" / "bin" / "python"
+COMPILED_VENV = REPO_ROOT / ".venv-compiled"
+COMPILED_PYTHON = COMPILED_VENV / "bin" / "python"
+
+
+def compiled_build_is_current() -> bool:
+    """True when `.venv-compiled` exists and was built from this tree's sources (every .py the same).
+
+    A build left from before someone's edit must not fail their `make test`: the comparisons below
+    then skip until `make compiled` (which `make test-compiled` and CI always run first)."""
+    installed = next(iter(COMPILED_VENV.glob("lib/python3*/site-packages")), None)
+    if not COMPILED_PYTHON.exists() or installed is None:
+        return False
+    for pkg in ("gateway", "pools", "predictor", "loadgen"):
+        ours = {p.relative_to(REPO_ROOT) for p in (REPO_ROOT / pkg).rglob("*.py")}
+        theirs = {p.relative_to(installed) for p in (installed / pkg).rglob("*.py")}
+        if ours != theirs or any((REPO_ROOT / f).read_bytes() != (installed / f).read_bytes() for f in ours):
+            return False
+    return True
+
+
 needs_compiled = pytest.mark.skipif(
-    not COMPILED_PYTHON.exists() or os.environ.get("PYTHIA_EXPECT_BUILD") == "compiled",
-    reason="no .venv-compiled (make compiled), or this run already is the compiled build",
+    os.environ.get("PYTHIA_EXPECT_BUILD") == "compiled" or not compiled_build_is_current(),
+    reason="no .venv-compiled built from these sources (make compiled), or this run already is the compiled build",
 )
+
+
+@pytest.mark.skipif(os.environ.get("PYTHIA_COMPILED_CHECKS") != "1", reason="only where make test-compiled asks")
+def test_the_checks_against_the_compiled_build_run() -> None:
+    # `make test-compiled` sets PYTHIA_COMPILED_CHECKS=1: there the comparisons below must not skip
+    assert compiled_build_is_current()
 
 
 def test_this_run_imports_the_expected_build() -> None:
