@@ -43,8 +43,9 @@ def session() -> Policy:
 
 
 def prefix() -> Policy:
-    """SGLang router `cache_aware` (sgl-project/sglang sgl-router/src/policies/cache_aware.rs): approximate
-    radix tree per worker, shortest queue when `balance_abs/rel_threshold` say the load is imbalanced."""
+    """SGLang router `cache_aware` (the `sglang-router` package: lightseekorg/smg
+    model_gateway/src/policies/cache_aware.rs): approximate radix tree per worker when a prompt matches
+    enough of it, least loaded otherwise and whenever `balance_abs/rel_threshold` say the load is imbalanced."""
     return Policy("prefix", smallest_fitting_pool, (HealthyFilter(),), (), CacheAwarePicker())
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pools.routing import RoutingState, make_policy, route
-from tests.unit.test_routing_helpers import SHORT, call, cluster
+from tests.unit.test_routing_helpers import call, cluster
 
 
 def test_sglang_prefix_follows_the_tree_when_balanced() -> None:
@@ -14,13 +14,29 @@ def test_sglang_prefix_follows_the_tree_when_balanced() -> None:
     assert all(route(call(st, doc + f"q{i}"), v, p).replica == first for i in range(2, 8))
 
 
-def test_sglang_prefix_low_match_goes_to_smallest_tree() -> None:
+def test_sglang_prefix_low_match_goes_to_the_least_loaded_worker() -> None:
     v, st, p = cluster(), RoutingState(), make_policy("prefix")
-    route(call(st, "a" * 8000), v, p)  # one worker's tree grows
-    seen = {route(call(st, f"{i}" * 3000), v, p).replica for i in range(1, 3)}
-    # unrelated prompts go to the workers whose trees are smallest, not the one that holds 'a...'
-    assert route(call(RoutingState(), "b"), v, p).replica in SHORT
-    assert len(seen) == 2
+    s1, s2, s3 = v.pools[0].replicas
+    s1.inflight, s2.inflight, s3.inflight = 5, 3, 4
+    route(call(st, "a" * 8000), v, p)  # s2's tree holds 'a...'
+    # an unrelated prompt matches nothing: the least loaded worker, whatever the trees hold
+    s2.inflight = 6
+    assert route(call(st, "b" * 3000), v, p).replica == s3.url
+    # a prompt that matches s2's tree above the threshold still goes there, busier or not
+    assert route(call(st, "a" * 9000), v, p).replica == s2.url
+
+
+def test_sglang_prefix_spreads_prompts_sharing_only_a_system_prompt_by_their_text() -> None:
+    v, st, p = cluster(), RoutingState(), make_policy("prefix")
+    system = "you are a careful research agent " * 60  # ~2,000 characters, > 30% of each prompt
+    for i, r in enumerate(v.pools[0].replicas):  # every worker has served this app before
+        r.inflight = 0
+        st.index("sglang-approx-tree", 1 << 18).insert(
+            r.url, call(st, system + f"old task {i} " * 40).features.prefix_hashes
+        )
+    seen = {route(call(st, system + f"new task {i} " * 40), v, p).replica for i in range(12)}
+    # the same matched prefix everywhere: which worker wins depends on each request's text
+    assert len(seen) > 1
 
 
 def test_sglang_prefix_switches_to_shortest_queue_when_imbalanced() -> None:
