@@ -3,6 +3,8 @@
 With `PYTHIA_COMPILE=1` (`make compiled`, deploy/Dockerfile), mypyc compiles the per-call modules
 listed in `pools/build_info.py` to C extensions: same source, same decisions, fewer interpreter
 cycles per request. Without it (`pip install -e .`, `make test`) the package stays pure Python.
+mypyc type-checks against the packages installed where pip runs: install the dependencies first
+(`make compiled` builds with the dev venv's pip; the Dockerfile installs the pure package first).
 """
 
 import os
