@@ -2,7 +2,8 @@
 
 The dev install (`pip install -e .`) must stay pure Python; `make test-compiled` runs this file (and the
 routing, prefix-index, predictor and feature tests) with the compiled venv's interpreter and
-PYTHIA_EXPECT_BUILD=compiled. The checks against `.venv-compiled` skip when it has not been built.
+PYTHIA_EXPECT_BUILD=compiled. The checks against `.venv-compiled` skip when it is absent or older than
+the sources (`make test-compiled` requires them to run).
 """
 
 from __future__ import annotations
