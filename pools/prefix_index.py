@@ -48,21 +48,19 @@ class PrefixIndex:
         # a replica drops out of the running intersection at the first position it does not hold;
         # it is recorded once, there (with every replica dropping out at that position at once)
         owners_of = self._owners
-        get = owners_of.get
         result: dict[str, int] = {}
         n = len(hashes)
-        alive = get(hashes[0], 0) if n else 0
+        alive = owners_of.get(hashes[0], 0) if n else 0
         if not alive:
             return result
-        names = self._names_of
         for i in range(1, n):
-            kept = alive & get(hashes[i], 0)
+            kept = alive & owners_of.get(hashes[i], 0)
             if kept != alive:
-                result.update(dict.fromkeys(names(alive ^ kept), i if value_of is None else value_of[i]))
+                result.update(dict.fromkeys(self._names_of(alive ^ kept), i if value_of is None else value_of[i]))
                 if not kept:
                     return result
                 alive = kept
-        result.update(dict.fromkeys(names(alive), n if value_of is None else value_of[n]))
+        result.update(dict.fromkeys(self._names_of(alive), n if value_of is None else value_of[n]))
         return result
 
     def insert(self, replica: str, hashes: Iterable[int]) -> None:
@@ -72,14 +70,12 @@ class PrefixIndex:
             lru = self._lru[replica] = OrderedDict()
         bit = self._bit.get(replica) or self._assign_bit(replica)
         owners_of = self._owners
-        get = owners_of.get
-        move = lru.move_to_end
         for h in hashes:
             if h in lru:
-                move(h)
+                lru.move_to_end(h)
             else:
                 lru[h] = None
-                owners_of[h] = get(h, 0) | bit
+                owners_of[h] = owners_of.get(h, 0) | bit
         if len(lru) > self._capacity.get(replica, self._default_capacity):
             self._evict(replica)
 
