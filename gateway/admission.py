@@ -14,8 +14,11 @@ filters): at most `pools.admission.concurrency_limit` calls at once, from the sc
 and, for policies without their own per-call KV filter, how many of the pool's typical calls its KV
 capacity holds. Calls beyond it wait here in priority order rather than in the engine's own queue.
 
-A call waits at most `admission_timeout_s` (then 503 with Retry-After); a client that goes away
-is removed from the queue.
+A call waits for room at most `admission_timeout_s`; then it is routed without the room filters
+(the KV-capacity and concurrency bounds) and waits in the engine's own queue instead, as behind a
+router without an admission queue: a busy pool makes calls slower, never fails them. Only a full
+queue (429) or a pool with no healthy replica (503) refuses a call; a client that goes away is
+removed from the queue.
 """
 
 from __future__ import annotations
@@ -132,6 +135,13 @@ class AdmissionController:
         filters.insert(1 if filters else 0, ConcurrencyBoundFilter(self.typical, kv_aware=not kv_filtered))
         policy.filters = tuple(filters)
         policy.after_pick = (*policy.after_pick, self.typical.record)
+        # for a call that waited `timeout_s`: the same policy without the room filters
+        room = (KV_FILTER, ConcurrencyBoundFilter.name)
+        self.overflow_policy = Policy(
+            policy.name, policy.pool_chooser, tuple(f for f in filters if f.name not in room), policy.scorers,
+            policy.picker, policy.priority, policy.uses_prefix_index, policy.after_pick, policy.actions,
+            policy.reserve_uncached,
+        )
 
     async def start(self) -> None:
         if self._task is None:
@@ -169,14 +179,23 @@ class AdmissionController:
             self._leave(q, ticket, "abandoned")
             raise
         if not done:
-            self._leave(q, ticket, "timeout")
-            return _error(pool, 503, "queue_timeout",
-                          f"pool '{pool}' stayed saturated for {self.timeout_s:g} s; retry shortly")
+            self._leave(q, ticket, "overflowed")
+            self.m_wait.labels(pool).observe(time.monotonic() - ticket.enqueued)
+            return self._overflow(ticket)
         result = ticket.future.result()
         self._release_hold(ticket)  # the proxy takes over the counts now, without an await in between
         self.m_wait.labels(pool).observe(time.monotonic() - ticket.enqueued)
         self.m_outcome.labels(pool, "admitted" if result.error is None else "error").inc()
         return result
+
+    def _overflow(self, ticket: _Ticket) -> Decision:
+        """Route a call that waited `timeout_s` without the room filters: the engine queues it instead."""
+        ctx = ticket.ctx
+        _reset(ctx)
+        d = route(ctx, self.gw.view, self.overflow_policy)
+        if d.queue:  # no filter left that could ask for it; kept so a call can never hang here
+            return _error(ticket.pool, 503, "queue_timeout", f"pool '{ticket.pool}' cannot take the call now")
+        return d
 
     def _leave(self, q: AdmissionQueue[_Ticket], ticket: _Ticket, outcome: str) -> None:
         """A call gives up waiting: out of the queue, or, if it was just placed, give its room back."""
@@ -208,10 +227,7 @@ class AdmissionController:
                 self.m_depth.labels(pool).dec()
                 continue
             ctx = t.ctx
-            ctx.now = time.monotonic()
-            ctx.pool = None
-            ctx.prefix_match = None
-            ctx.kv_free = None
+            _reset(ctx)
             d = route(ctx, self.gw.view, self.gw.policy)
             if d.queue:
                 q.requeue(w)
@@ -259,3 +275,11 @@ class AdmissionController:
 
 def _error(pool: str, status: int, code: str, message: str) -> Decision:
     return Decision(pool=pool, error=RouteError(status, code, message, 1.0), reason=code)
+
+
+def _reset(ctx: RoutingContext) -> None:
+    """Forget what an earlier `route()` of this call filled in, to route it again now."""
+    ctx.now = time.monotonic()
+    ctx.pool = None
+    ctx.prefix_match = None
+    ctx.kv_free = None

@@ -82,7 +82,9 @@ class Settings(BaseSettings):
     log_payloads: bool = Field(False, description="log prompts and completions (off: they are never logged)")
     # Pythia mechanisms wired live (gateway/admission.py, gateway/prewarm.py, gateway/autoscale.py)
     admission: str = Field("auto", description="gateway admission queue: auto (when the policy sets priorities), on, off")
-    admission_timeout_s: float = Field(30.0, gt=0, description="longest wait in the admission queue, then 503")
+    admission_timeout_s: float = Field(
+        30.0, gt=0, description="longest wait for room in the admission queue; then the call goes to the engine's own queue"
+    )
     admission_aging_s: float = Field(10.0, gt=0, description="seconds of queueing worth one priority level")
     admission_max_queue: int = Field(10000, ge=1, description="queued calls per pool and worker at most (else 429)")
     prewarm: bool = Field(True, description="send the policy's pre-warm prefills (max_tokens=1) in the background")

@@ -90,14 +90,21 @@ async def test_a_placed_call_holds_its_room_until_it_resumes() -> None:
     assert d.replica == URL and r.inflight == 0 and r.reserved_kv_tokens == 0  # handed to the proxy
 
 
-async def test_a_call_that_waits_too_long_gets_503_with_retry_after() -> None:
+async def test_a_call_that_waits_too_long_goes_to_the_engines_queue_instead_of_failing() -> None:
     gw, adm = gateway(admission_timeout_s=0.05)
     saturate(gw)
     task = await queued(gw, adm, ctx(gw, "slow", 3))
     d = await task
-    assert d.error is not None and d.error.status == 503 and d.error.code == "queue_timeout"
-    assert d.error.retry_after_s and d.error.retry_after_s > 0
+    # still no room on the replica, but the call is placed there (the engine queues it), not refused
+    assert d.error is None and not d.queue and d.replica == URL
     assert adm.depth() == {"short": 0}
+    r = gw.replicas[URL]
+    assert r.inflight == 1 and r.reserved_kv_tokens == 9_900  # no provisional hold left behind
+    # and the queue still works for the next call: it waits, and gets room once the replica frees it
+    task = await queued(gw, adm, ctx(gw, "next", 1))
+    free(gw)
+    assert adm.drain("short") == 1
+    assert (await task).replica == URL
 
 
 async def test_a_client_that_goes_away_leaves_the_queue() -> None:
