@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from gateway.bench.overhead import ROUTER_VENV, Procs, _stop_all, ensure_tools, free_port, wait_http
+from gateway.bench.overhead import Procs, _stop_all, ensure_tools, free_port, rust_router_command, wait_http
 
 MODEL = "llama-3.1-8b"
 TARGETS = [
@@ -67,17 +67,9 @@ def router(name: str, upstreams: list[str], max_context: int, tmp: Path) -> Iter
                 "PYTHIA_HOST": "127.0.0.1", "PYTHIA_PORT": str(port), "PYTHIA_WORKERS": "1",
                 "PYTHIA_POOLS": json.dumps(pools), "PYTHIA_POLICY": policy, "PYTHIA_LOG_LEVEL": "warning"})
             wait_http(base + "/ready")
-        elif kind == "vllm-router":
-            procs.start([str(ROUTER_VENV / "bin" / "vllm-router"), "--host", "127.0.0.1", "--port", str(port),
-                         "--policy", policy, "--prometheus-host", "127.0.0.1", "--prometheus-port", str(free_port()),
-                         "--log-level", "warning", "--worker-urls", *upstreams], log=log)
-            wait_http(base + "/health")
-        elif kind == "sglang-router":
-            # offline: no tokenizer to fetch, so its cache-aware tree works on the request text, as documented
-            procs.start([str(ROUTER_VENV / "bin" / "python"), "-m", "sglang_router.launch_router", "--host", "127.0.0.1",
-                         "--port", str(port), "--policy", policy, "--prometheus-host", "127.0.0.1",
-                         "--prometheus-port", str(free_port()), "--log-level", "warn", "--worker-urls", *upstreams],
-                        env={"HF_HUB_OFFLINE": "1"}, log=log)
+        elif kind in ("vllm-router", "sglang-router"):
+            cmd, env = rust_router_command(kind, policy, port, upstreams)
+            procs.start(cmd, env=env, log=log)
             wait_http(base + "/health")
         else:
             raise ValueError(f"unknown target {name!r}")

@@ -180,6 +180,21 @@ http {{
 """
 
 
+def rust_router_command(kind: str, policy: str, port: int, upstreams: list[str]) -> tuple[list[str], dict[str, str]]:
+    """Command line and extra environment of `vllm-router` or `sglang-router` (from `.venv-bench`) on loopback."""
+    if kind == "vllm-router":
+        return [str(ROUTER_VENV / "bin" / "vllm-router"), "--host", "127.0.0.1", "--port", str(port), "--policy", policy,
+                "--prometheus-host", "127.0.0.1", "--prometheus-port", str(free_port()), "--log-level", "warning",
+                "--worker-urls", *upstreams], {}
+    if kind == "sglang-router":
+        # offline: no tokenizer to fetch for the model name, so its cache-aware tree works on the request text
+        return [str(ROUTER_VENV / "bin" / "python"), "-m", "sglang_router.launch_router", "--host", "127.0.0.1",
+                "--port", str(port), "--policy", policy, "--prometheus-host", "127.0.0.1",
+                "--prometheus-port", str(free_port()), "--log-level", "warn", "--worker-urls", *upstreams], \
+            {"HF_HUB_OFFLINE": "1"}
+    raise ValueError(f"unknown router {kind!r}")
+
+
 @contextlib.contextmanager
 def target(name: str, upstreams: list[str], tmp: Path) -> Iterator[tuple[str, list[int]]]:
     """Start one target in front of `upstreams`; yield its base URL and process groups (for CPU accounting)."""
@@ -198,22 +213,9 @@ def target(name: str, upstreams: list[str], tmp: Path) -> Iterator[tuple[str, li
             (d / "nginx.conf").write_text(NGINX_CONF.format(dir=d, servers=servers, port=port))
             procs.start([nginx_bin(), "-p", str(d), "-c", str(d / "nginx.conf"), "-g", "daemon off;"], log=tmp / "nginx.log")
             wait_http(base + "/health")
-        elif kind == "vllm-router":
-            procs.start(
-                [str(ROUTER_VENV / "bin" / "vllm-router"), "--host", "127.0.0.1", "--port", str(port), "--policy", policy,
-                 "--prometheus-host", "127.0.0.1", "--prometheus-port", str(free_port()), "--log-level", "warning",
-                 "--worker-urls", *upstreams],
-                log=tmp / f"{kind}-{policy}.log",
-            )
-            wait_http(base + "/health")
-        elif kind == "sglang-router":
-            procs.start(
-                [str(ROUTER_VENV / "bin" / "python"), "-m", "sglang_router.launch_router", "--host", "127.0.0.1",
-                 "--port", str(port), "--policy", policy, "--prometheus-host", "127.0.0.1",
-                 "--prometheus-port", str(free_port()), "--log-level", "warn", "--worker-urls", *upstreams],
-                env={"HF_HUB_OFFLINE": "1"},
-                log=tmp / f"{kind}-{policy}.log",
-            )
+        elif kind in ("vllm-router", "sglang-router"):
+            cmd, env = rust_router_command(kind, policy, port, upstreams)
+            procs.start(cmd, env=env, log=tmp / f"{kind}-{policy}.log")
             wait_http(base + "/health")
         elif kind in ("pythia", "pythia-aiohttp", "pythia-compiled"):
             pools = [{"name": "short", "max_context_tokens": 32768, "models": [MODEL], "replicas": upstreams}]

@@ -56,17 +56,19 @@ class CacheAwarePicker:
         hashes = ctx.features.prefix_hashes
         loads = [r.inflight for r in candidates]
         hi, lo = max(loads), min(loads)
+        least_loaded = candidates[loads.index(lo)]
         if hi - lo > self.balance_abs_threshold and hi > lo * self.balance_rel_threshold:
-            chosen = candidates[loads.index(lo)]
+            chosen = least_loaded
         else:
-            chosen = self._cache_choice(ctx, candidates, tree.match(hashes) if hashes else {})
+            chosen = self._cache_choice(ctx, candidates, tree.match(hashes) if hashes else {}) or least_loaded
         if hashes:
             tree.insert(chosen.url, hashes)
         return chosen
 
     def _cache_choice(
         self, ctx: RoutingContext, candidates: list[ReplicaState], matched: dict[str, int]
-    ) -> ReplicaState:
+    ) -> ReplicaState | None:
+        """The worker holding the longest match, when it covers more than `cache_threshold` of the prompt."""
         text_chars = ctx.features.prompt_tokens * BYTES_PER_TOKEN
         if matched and text_chars > 0:
             longest = max(matched.get(r.url, 0) for r in candidates)
@@ -75,4 +77,4 @@ class CacheAwarePicker:
                 hashes = ctx.features.prefix_hashes
                 # the block after the shared prefix stands for the request's next characters
                 return tied[hashes[min(longest, len(hashes) - 1)] % len(tied)] if len(tied) > 1 else tied[0]
-        return min(candidates, key=lambda r: r.inflight)
+        return None
