@@ -32,7 +32,7 @@ from prometheus_client import Counter, Gauge, Histogram
 
 from gateway.proxy import Gateway
 from gateway.tasks import cancel_and_wait
-from pools.admission import AdmissionQueue, concurrency_limit
+from pools.admission import AdmissionQueue, concurrency_limit, overflow_policy
 from pools.routing import Decision, Policy, RoutingContext, route
 from pools.routing.base import RouteError
 from pools.routing.kv import call_kv_expected
@@ -136,12 +136,7 @@ class AdmissionController:
         policy.filters = tuple(filters)
         policy.after_pick = (*policy.after_pick, self.typical.record)
         # for a call that waited `timeout_s`: the same policy without the room filters
-        room = (KV_FILTER, ConcurrencyBoundFilter.name)
-        self.overflow_policy = Policy(
-            policy.name, policy.pool_chooser, tuple(f for f in filters if f.name not in room), policy.scorers,
-            policy.picker, policy.priority, policy.uses_prefix_index, policy.after_pick, policy.actions,
-            policy.reserve_uncached,
-        )
+        self.overflow_policy = overflow_policy(policy, (KV_FILTER, ConcurrencyBoundFilter.name))
 
     async def start(self) -> None:
         if self._task is None:

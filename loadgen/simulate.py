@@ -20,7 +20,7 @@ from typing import Any
 
 from loadgen.metrics import EngineCounters, RequestRecord, WorkflowRecord
 from loadgen.workflow import Call, Workflow
-from pools.admission import AdmissionQueue, Waiting
+from pools.admission import DEFAULT_TIMEOUT_S, AdmissionQueue, Waiting, overflow_policy
 from pools.request_features import InvalidRequest, extract_features
 from pools.routing.base import Decision, Policy, RoutingContext, RoutingState
 from pools.routing.policies import make_policy
@@ -32,7 +32,7 @@ from predictor.types import Outcome, Prediction, RequestFeatures, Tags
 
 DEFAULT_PRESET = "llama-3.1-8b-a100"
 
-_ARRIVE, _READY, _SCRAPE = 0, 1, 2
+_ARRIVE, _READY, _SCRAPE, _ADMIT_TIMEOUT = 0, 1, 2, 3
 
 
 @dataclass(slots=True, frozen=True)
@@ -89,6 +89,9 @@ class SimConfig:
     use_predictor: bool = True
     predictor_settings: dict[str, Any] = field(default_factory=dict)
     admission_aging_s: float = 10.0
+    # as the gateway's PYTHIA_ADMISSION_TIMEOUT_S: a call queued this long is placed without the room
+    # filters and waits in the engine's queue instead (inf: it waits at the gateway until there is room)
+    admission_timeout_s: float = DEFAULT_TIMEOUT_S
     engine_overrides: dict[str, Any] = field(default_factory=dict)  # kv_cache_gb, max_num_seqs, ...
     scheduling_policy: str = "auto"  # auto: priority when the policy sets priorities, else fcfs (vLLM default)
     max_virtual_s: float = math.inf  # stop the clock here (unfinished work is reported as such)
@@ -103,6 +106,7 @@ class SimStats:
     routed: int = 0
     queued: int = 0
     requeued: int = 0
+    overflowed: int = 0  # queued calls placed without the room filters after admission_timeout_s
     prewarms_sent: int = 0
     prewarms_rejected: int = 0
     rejected: int = 0
@@ -163,6 +167,7 @@ class Simulation:
         self.cfg = cfg
         self.workflows = sorted(workflows, key=lambda w: w.arrival_s)
         self.policy = policy or make_policy(cfg.policy)
+        self.overflow_policy = overflow_policy(self.policy)
         sched = cfg.scheduling_policy
         if sched == "auto":
             sched = "priority" if self.policy.priority is not None else "fcfs"
@@ -233,6 +238,8 @@ class Simulation:
                 self._arrive(self.workflows[obj], t)
             elif kind == _READY:
                 self._send(obj, t)
+            elif kind == _ADMIT_TIMEOUT:
+                self._admission_timeout(obj, t)
             else:
                 self._scrape(t)
                 if self.predictor is not None:
@@ -324,13 +331,13 @@ class Simulation:
         live = _Live(wfs, call, rec, features, tags, prediction, ctx, text)
         self._route(live, t, first=True)
 
-    def _route(self, live: _Live, t: float, first: bool) -> bool:
+    def _route(self, live: _Live, t: float, first: bool, policy: Policy | None = None) -> bool:
         """Route and dispatch; False when the call (re)enters the admission queue."""
         ctx = live.ctx
         ctx.now = t
         ctx.pool = None
         ctx.prefix_match = None
-        d = route(ctx, self.view, self.policy)
+        d = route(ctx, self.view, policy or self.policy)
         if d.error is not None:
             self._fail(live, t, f"http_{d.error.status}", d.error.status, d.error.message)
             return True
@@ -341,6 +348,8 @@ class Simulation:
                 if self.queues[d.pool].push(live, d.priority, t) is None:
                     self._fail(live, t, "http_429", 429, "admission queue full")
                     return True
+                if self.cfg.admission_timeout_s < math.inf:
+                    self._push(t + self.cfg.admission_timeout_s, _ADMIT_TIMEOUT, (live, d.pool))
             return False
         self._dispatch(live, d, t)
         return True
@@ -460,6 +469,16 @@ class Simulation:
                 q.requeue(w)
                 self.stats.requeued += 1
                 break
+
+    def _admission_timeout(self, item: tuple[_Live, str], t: float) -> None:
+        """A queued call's wait ran out: if it is still queued, place it without the room filters."""
+        live, pool = item
+        if not self.queues[pool].remove(live):
+            return  # placed (or failed) meanwhile
+        self.stats.overflowed += 1
+        if not self._route(live, t, first=False, policy=self.overflow_policy):
+            # no room filter is left to ask for a wait: only a pool without a healthy replica gets here
+            self._fail(live, t, "http_503", 503, f"pool '{pool}' cannot take the call now")
 
     def _drain_all(self, t: float) -> None:
         for name in self.queues:

@@ -11,14 +11,24 @@ and routes it again; if it must still wait, `requeue` puts it back at its old pl
 from __future__ import annotations
 
 import heapq
-from dataclasses import dataclass, field
+from collections.abc import Collection
+from dataclasses import dataclass, field, replace
 from typing import Generic, TypeVar
 
+from pools.routing.base import Policy
+from pools.routing.filters.kv_capacity import KvCapacityFilter
 from pools.types import ReplicaState
 
 T = TypeVar("T")
 
 DEFAULT_CONCURRENCY = 256  # vLLM's default max_num_seqs, when nothing better is known
+DEFAULT_TIMEOUT_S = 30.0  # PYTHIA_ADMISSION_TIMEOUT_S default: longest wait for room at the gateway
+
+
+def overflow_policy(policy: Policy, room_filters: Collection[str] = (KvCapacityFilter.name,)) -> Policy:
+    """The policy for a call that waited the admission timeout: the same without the filters that wait
+    for room, so it is placed now and waits in the engine's own queue (as behind a router without one)."""
+    return replace(policy, filters=tuple(f for f in policy.filters if f.name not in room_filters))
 
 
 @dataclass(slots=True, order=True)

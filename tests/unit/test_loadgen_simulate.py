@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import orjson
@@ -55,6 +56,25 @@ def test_saturated_pool_queues_at_the_gateway_and_oversized_calls_fail() -> None
     assert set(s["errors_by_kind"]) <= {"http_400"}  # only calls larger than the whole KV cache fail
     assert s["workflows_completed"] + s["workflows_failed"] == 12 and s["workflows_completed"] > 0
     assert max(r.queued_s for r in res.requests) > 0
+
+
+def test_a_call_queued_past_the_admission_timeout_goes_to_the_engine_queue() -> None:
+    # as the live gateway (PYTHIA_ADMISSION_TIMEOUT_S): after the timeout a queued call is placed
+    # without the room filters and waits in vLLM's own queue; it is never failed for waiting
+    wfs = generate("coding_agent", rate=5, n=12, seed=1, opts=ExpandOptions(think_scale=0.0, prompt_scale=0.3))
+    pools = parse_pools("short:2:16384")
+    patient = simulate(SimConfig(policy="pythia", pools=pools, engine_overrides={"kv_cache_gb": 1.0},
+                                 admission_timeout_s=math.inf), wfs)
+    longest = max(r.queued_s for r in patient.requests)
+    assert patient.stats.overflowed == 0 and longest > 2.0
+    timeout = longest / 4
+    res = simulate(SimConfig(policy="pythia", pools=pools, engine_overrides={"kv_cache_gb": 1.0},
+                             admission_timeout_s=timeout), wfs)
+    s = summarize(res.requests, res.workflows, engine=res.engine)
+    assert res.stats.overflowed > 0
+    assert max(r.queued_s for r in res.requests) <= timeout + 1e-6
+    assert set(s["errors_by_kind"]) <= {"http_400"}  # as before: only calls larger than the whole KV cache
+    assert s["workflows_completed"] + s["workflows_failed"] == 12 and s["workflows_completed"] > 0
 
 
 def test_compare_cli_writes_result_and_report(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
