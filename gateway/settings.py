@@ -15,6 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from pools.admission import DEFAULT_TIMEOUT_S as ADMISSION_TIMEOUT_S
 from pools.types import PoolConfig
 
 
@@ -83,7 +84,8 @@ class Settings(BaseSettings):
     # Pythia mechanisms wired live (gateway/admission.py, gateway/prewarm.py, gateway/autoscale.py)
     admission: str = Field("auto", description="gateway admission queue: auto (when the policy sets priorities), on, off")
     admission_timeout_s: float = Field(
-        30.0, gt=0, description="longest wait for room in the admission queue; then the call goes to the engine's own queue"
+        ADMISSION_TIMEOUT_S, gt=0,
+        description="longest wait for room in the admission queue; then the call goes to the engine's own queue"
     )
     admission_aging_s: float = Field(10.0, gt=0, description="seconds of queueing worth one priority level")
     admission_max_queue: int = Field(10000, ge=1, description="queued calls per pool and worker at most (else 429)")

@@ -14,6 +14,7 @@ from loadgen.metrics import Slo
 from loadgen.simulate import DEFAULT_PRESET, SimConfig, SimResult, default_pools, parse_pools, simulate
 from loadgen.workflow import Workflow
 from loadgen.workload import DEFAULT_MODEL, ExpandOptions, expand_workload
+from pools.admission import DEFAULT_TIMEOUT_S
 
 DEFAULT_WORKFLOWS = 1000
 DEFAULT_LOAD = 0.8
@@ -32,6 +33,9 @@ def _sim_opts(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-seqs", type=int, default=None)
     p.add_argument("--scrape-interval", type=float, default=1.0, help="virtual seconds between engine-metric scrapes")
     p.add_argument("--no-predictor", action="store_true", help="route without the predictor (cold predictions)")
+    p.add_argument("--admission-timeout", type=float, default=DEFAULT_TIMEOUT_S,
+                   help="as PYTHIA_ADMISSION_TIMEOUT_S: seconds a call waits for room at the gateway before it goes "
+                        "to the engine's own queue (inf: no limit)")
     p.add_argument("--max-virtual-s", type=float, default=float("inf"), help="stop the virtual clock here")
 
 
@@ -58,7 +62,8 @@ def _cluster(a: argparse.Namespace) -> SimConfig:
     if a.max_num_seqs is not None:
         overrides["max_num_seqs"] = a.max_num_seqs
     return SimConfig(pools=pools, model=a.model, seed=a.seed, scrape_interval_s=a.scrape_interval,
-                     use_predictor=not a.no_predictor, engine_overrides=overrides, max_virtual_s=a.max_virtual_s)
+                     use_predictor=not a.no_predictor, engine_overrides=overrides, max_virtual_s=a.max_virtual_s,
+                     admission_timeout_s=a.admission_timeout)
 
 
 def _policies(a: argparse.Namespace) -> list[str]:

@@ -22,7 +22,10 @@ from pools.types import ReplicaState
 T = TypeVar("T")
 
 DEFAULT_CONCURRENCY = 256  # vLLM's default max_num_seqs, when nothing better is known
-DEFAULT_TIMEOUT_S = 30.0  # PYTHIA_ADMISSION_TIMEOUT_S default: longest wait for room at the gateway
+# PYTHIA_ADMISSION_TIMEOUT_S default, the longest wait for room at the gateway. Waiting there in priority
+# order beats the engine's queue while KV is short (mixed at 90% with 12 GB of KV, virtual time: 30 s sent
+# 40 calls on, 49 preemptions, 62.8 s mean JCT; 120 s, as unbounded, 3 and 57.5 s; no call waited 91 s)
+DEFAULT_TIMEOUT_S = 120.0
 
 
 def overflow_policy(policy: Policy, room_filters: Collection[str] = (KvCapacityFilter.name,)) -> Policy:
