@@ -31,6 +31,8 @@ ROUTER_VENV = Path(".venv-bench")
 TARGETS = [
     "direct",
     "nginx",
+    # the least a Python proxy can do per request (gateway.bench.floor_proxy): what CPython + uvloop cost
+    "python-floor",
     "vllm-router:round_robin",
     "vllm-router:cache_aware",
     "sglang-router:round_robin",
@@ -93,6 +95,16 @@ def wait_http(url: str, timeout_s: float = 60.0) -> None:
             last = e
         time.sleep(0.2)
     raise RuntimeError(f"{url} did not come up: {last}")
+
+
+def wait_port(port: int, timeout_s: float = 30.0) -> None:
+    """Poll until something accepts TCP connections on 127.0.0.1:`port`."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
+            return
+        time.sleep(0.1)
+    raise RuntimeError(f"nothing listens on port {port}")
 
 
 _LIVE: list[Procs] = []  # every Procs with processes, stopped by _stop_all on SIGTERM/SIGINT
@@ -213,6 +225,10 @@ def target(name: str, upstreams: list[str], tmp: Path) -> Iterator[tuple[str, li
             (d / "nginx.conf").write_text(NGINX_CONF.format(dir=d, servers=servers, port=port))
             procs.start([nginx_bin(), "-p", str(d), "-c", str(d / "nginx.conf"), "-g", "daemon off;"], log=tmp / "nginx.log")
             wait_http(base + "/health")
+        elif kind == "python-floor":
+            procs.start([sys.executable, "-m", "gateway.bench.floor_proxy", "--port", str(port), "--processes", "2",
+                         *(x for u in upstreams for x in ("--upstream", u))], log=tmp / "python-floor.log")
+            wait_port(port)
         elif kind in ("vllm-router", "sglang-router"):
             cmd, env = rust_router_command(kind, policy, port, upstreams)
             procs.start(cmd, env=env, log=tmp / f"{kind}-{policy}.log")
