@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import socket
 import sys
-import time
 
+from gateway.bench.overhead import wait_port
 from gateway.bench.wrk_body import chat_body
 from tests.conftest import ProcessGroup, free_port
 
@@ -31,17 +31,6 @@ def _exchange(port: int, requests: list[bytes], ends: list[bytes]) -> list[bytes
         return out
 
 
-def _wait_port(port: int) -> None:
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise TimeoutError(port)
-
-
 def test_floor_proxy_relays_json_and_sse_answers_byte_for_byte_over_keep_alive(procs: ProcessGroup) -> None:
     ups = []
     for _ in range(2):
@@ -52,7 +41,7 @@ def test_floor_proxy_relays_json_and_sse_answers_byte_for_byte_over_keep_alive(p
     procs.start([sys.executable, "-m", "gateway.bench.floor_proxy", "--port", str(proxy), "--processes", "1",
                  *(x for p in ups for x in ("--upstream", f"http://127.0.0.1:{p}"))], name="floor")
     for p in (*ups, proxy):
-        _wait_port(p)
+        wait_port(p)
     plain, stream = _request(chat_body(False)), _request(chat_body(True))
     reqs = [plain, stream, plain, stream]
     # a JSON answer ends with its body's closing brace, an SSE answer with the chunked terminator
