@@ -211,9 +211,9 @@ def main(argv: list[str]) -> int:
     # one fatal, so a benchmark of the compiled gateway cannot silently measure the interpreted one
     build = loaded_build()
     log.info("build", extra={"build": build})
-    expected = os.environ.get("PYTHIA_EXPECT_BUILD", "")
-    if expected and expected != build:
-        print(f"pythia serve: PYTHIA_EXPECT_BUILD={expected} but the {build} build is loaded", file=sys.stderr)
+    if settings.expect_build and settings.expect_build != build:
+        print(f"pythia serve: PYTHIA_EXPECT_BUILD={settings.expect_build} but the {build} build is loaded",
+              file=sys.stderr)
         return 2
     _raise_open_files_limit()
     if settings.workers == 1:

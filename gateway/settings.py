@@ -55,6 +55,9 @@ class Settings(BaseSettings):
     fast_path: bool = Field(
         True, description="serve the two completion endpoints on the lean server path (false = all through aiohttp)"
     )
+    expect_build: str = Field(
+        "", description="refuse to start unless this build is loaded: compiled, interpreted; empty = either"
+    )
     log_level: str = Field("INFO", description="DEBUG, INFO, WARNING or ERROR")
     log_json: bool = Field(True, description="structured JSON log lines (false = plain text)")
     otel_endpoint: str = Field("", description="OTLP/HTTP traces endpoint; empty = tracing off")
@@ -114,6 +117,13 @@ class Settings(BaseSettings):
         v = v.upper()
         if v not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
             raise ValueError("log level must be DEBUG, INFO, WARNING, ERROR or CRITICAL")
+        return v
+
+    @field_validator("expect_build")
+    @classmethod
+    def _expect_build(cls, v: str) -> str:
+        if v not in ("", "compiled", "interpreted"):
+            raise ValueError("expect_build must be 'compiled', 'interpreted' or empty")
         return v
 
     @field_validator("admission")
