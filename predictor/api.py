@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from predictor.live import LiveTable, LiveWorkflow, StepRec
-from predictor.model import END, K_MAX, AppModel, RoleStats, clean_role
+from predictor.model import END, K_MAX, AppModel, RoleKeys, RoleStats, clean_role
 from predictor.settings import PredictorSettings, build_settings
 from predictor.sketch import bucket_of
 from predictor.store import MemoryStore, Store
@@ -642,10 +642,17 @@ class Predictor:
                     kept = _common_prefix(prev.hashes, step.hashes) / len(prev.hashes)
                     self._learn(model, f"CR|{prev.role}|{step.role}", kept)
                     self._learn(model, f"CN|{prev.role}|{step.role}")
-        self._learn_call(model, step.role, f, prompt, outp)
+        keys = self._learn_call(model, step.role, f, prompt, outp)
         if wf.last_context > 0:
-            self._learn(model, f"X|{step.role}", min(prompt / wf.last_context, 4.0))
-            self._learn(model, f"XN|{step.role}")
+            share = min(prompt / wf.last_context, 4.0)
+            if keys is None:
+                self._learn(model, f"X|{step.role}", share)
+                self._learn(model, f"XN|{step.role}")
+            else:
+                model.learn_context(keys, share)
+                if self._persists:
+                    self.store.record(model.app, keys.context, share)
+                    self.store.record(model.app, keys.context_n, 1.0)
         if out.output_fingerprint and wf.local_only:  # the next role may quote this response
             self.live.set_messages(wf, (out.output_fingerprint,))
         step.observed += 1
@@ -660,20 +667,39 @@ class Predictor:
         if self._share_live and not wf.local_only:
             self.store.record_live(app, wf.wid, _live_state(wf))
 
-    def _learn_call(self, model: AppModel, role: str, f: RequestFeatures, prompt: int, outp: int) -> None:
-        self._learn(model, f"C|{role}")
-        self._learn(model, f"O|{role}|{bucket_of(outp)}")
-        self._learn(model, f"OS|{role}", outp)
-        self._learn(model, f"P|{role}|{bucket_of(prompt)}")
-        self._learn(model, f"PS|{role}", prompt)
+    def _learn_call(self, model: AppModel, role: str, f: RequestFeatures, prompt: int,
+                    outp: int) -> RoleKeys | None:
+        """Learn one call's lengths and system prompt; returns the role's cached keys (None: a role
+        whose keys `apply` must parse, learned through `_learn` like every rarer key)."""
+        keys = model.role_keys(role)
+        if keys is None:
+            self._learn(model, f"C|{role}")
+            self._learn(model, f"O|{role}|{bucket_of(outp)}")
+            self._learn(model, f"OS|{role}", outp)
+            self._learn(model, f"P|{role}|{bucket_of(prompt)}")
+            self._learn(model, f"PS|{role}", prompt)
+        else:  # the same counter updates, from keys built once (the hot path)
+            okey, pkey = model.learn_call(keys, bucket_of(outp), outp, bucket_of(prompt), prompt)
+            if self._persists:
+                record, app = self.store.record, model.app
+                record(app, keys.calls, 1.0)
+                record(app, okey, 1.0)
+                record(app, keys.out_sum, outp)
+                record(app, pkey, 1.0)
+                record(app, keys.prompt_sum, prompt)
         fp = f.system_fingerprint
         r = model.roles.get(role)
         if fp and (r is None or fp in r.fingerprints or len(r.fingerprints) < self.settings.max_fingerprints_per_role):
-            self._learn(model, f"FP|{role}|{fp}")
+            fkey = model.learn_fingerprint(keys, fp) if keys is not None else None
+            if fkey is None:
+                self._learn(model, f"FP|{role}|{fp}")
+            elif self._persists:
+                self.store.record(model.app, fkey, 1.0)
             self._index_fingerprint(model.app, fp, model.fp_roles.get(fp, {}))
             if f.system_prompt and model.texts.get(role) != f.system_prompt:
                 model.texts[role] = f.system_prompt
                 self.store.record_text(model.app, role, f.system_prompt)
+        return keys
 
     def _end(self, wf: LiveWorkflow) -> None:
         """A workflow went idle here: end it now, or (shared store) once Redis says no one saw more of it."""

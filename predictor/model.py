@@ -111,6 +111,26 @@ class RoleStats:
 
 
 @dataclass(slots=True)
+class RoleKeys:
+    """The counter keys every call of one role learns, built once per role.
+
+    Formatting a fresh key string per counter, then hashing it and looking up its parse, cost
+    about as much as applying it; these strings come back call after call with their hash cached.
+    Only for roles without ``|`` (any other role's keys parse as another role's: `apply` handles them).
+    """
+
+    role: str
+    calls: str  # C|R
+    out_sum: str  # OS|R
+    prompt_sum: str  # PS|R
+    context: str  # X|R
+    context_n: str  # XN|R
+    out_buckets: dict[int, str] = field(default_factory=dict)  # b -> O|R|b
+    prompt_buckets: dict[int, str] = field(default_factory=dict)  # b -> P|R|b
+    fingerprints: dict[str, str] = field(default_factory=dict)  # fp -> FP|R|fp, once learned
+
+
+@dataclass(slots=True)
 class AppModel:
     """All counters of one app and the indexes `apply` keeps over them."""
 
@@ -125,6 +145,8 @@ class AppModel:
     fp_roles: dict[str, dict[str, float]] = field(default_factory=dict)  # fingerprint -> role -> calls
     version: int = 0  # bumped on every applied counter
     generation: int = 0  # a new model object (snapshot reload) gets a new one; cached views key on it
+    # role -> its per-call keys (a cache, not learned state: `learn_call` and friends use it)
+    keys: dict[str, RoleKeys] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def workflows_finished(self) -> float:
@@ -149,6 +171,82 @@ class AppModel:
         if s is None:
             s = self.states[(role, k)] = StateStats()
         return s
+
+    def role_keys(self, role: str) -> RoleKeys | None:
+        """The cached per-call keys of `role`, or None when its name holds ``|`` (use `apply`)."""
+        k = self.keys.get(role)
+        if k is None:
+            if "|" in role:
+                return None
+            k = self.keys[role] = RoleKeys(role, f"C|{role}", f"OS|{role}", f"PS|{role}", f"X|{role}", f"XN|{role}")
+        return k
+
+    def learn_call(self, keys: RoleKeys, out_bucket: int, out_tokens: float, prompt_bucket: int,
+                   prompt_tokens: float) -> tuple[str, str]:
+        """Apply one call's lengths: exactly `apply` of C|R +1, O|R|out_bucket +1, OS|R +out_tokens,
+        P|R|prompt_bucket +1 and PS|R +prompt_tokens, in that order, in one pass. Returns the
+        O and P keys (with the keys in `keys`, what a persisting store records)."""
+        role = keys.role
+        okey = keys.out_buckets.get(out_bucket)
+        if okey is None:
+            okey = keys.out_buckets[out_bucket] = f"O|{role}|{out_bucket}"
+        pkey = keys.prompt_buckets.get(prompt_bucket)
+        if pkey is None:
+            pkey = keys.prompt_buckets[prompt_bucket] = f"P|{role}|{prompt_bucket}"
+        counts = self.counts
+        get = counts.get
+        counts[keys.calls] = get(keys.calls, 0.0) + 1.0
+        counts[okey] = get(okey, 0.0) + 1.0
+        counts[keys.out_sum] = get(keys.out_sum, 0.0) + out_tokens
+        counts[pkey] = get(pkey, 0.0) + 1.0
+        counts[keys.prompt_sum] = get(keys.prompt_sum, 0.0) + prompt_tokens
+        self.version += 5
+        r = self.roles.get(role)
+        if r is None:
+            r = self.roles[role] = RoleStats()
+        r.updates += 5
+        r.calls += 1.0
+        r.output.add_bucket(out_bucket, 1.0)
+        r.output.sum += out_tokens
+        r.prompt.add_bucket(prompt_bucket, 1.0)
+        r.prompt.sum += prompt_tokens
+        return okey, pkey
+
+    def learn_fingerprint(self, keys: RoleKeys, fp: str) -> str | None:
+        """`apply` of FP|R|fp +1 in one pass; returns its key, or None (nothing applied) when `fp`
+        holds ``|`` (then the key does not parse as this fingerprint's: use `apply`)."""
+        key = keys.fingerprints.get(fp)
+        if key is None:
+            if "|" in fp:
+                return None
+            key = keys.fingerprints[fp] = f"FP|{keys.role}|{fp}"
+        counts = self.counts
+        counts[key] = counts.get(key, 0.0) + 1.0
+        self.version += 1
+        role = keys.role
+        r = self.roles.get(role)
+        if r is None:
+            r = self.roles[role] = RoleStats()
+        r.updates += 1
+        r.fingerprints[fp] = r.fingerprints.get(fp, 0.0) + 1.0
+        fr = self.fp_roles.get(fp)
+        if fr is None:
+            fr = self.fp_roles[fp] = {}
+        fr[role] = fr.get(role, 0.0) + 1.0
+        return key
+
+    def learn_context(self, keys: RoleKeys, share: float) -> None:
+        """`apply` of X|R +share then XN|R +1, in one pass."""
+        counts = self.counts
+        counts[keys.context] = counts.get(keys.context, 0.0) + share
+        counts[keys.context_n] = counts.get(keys.context_n, 0.0) + 1.0
+        self.version += 2
+        r = self.roles.get(keys.role)
+        if r is None:
+            r = self.roles[keys.role] = RoleStats()
+        r.updates += 2
+        r.context_sum += share
+        r.context_n += 1.0
 
     def apply(self, key: str, delta: float) -> None:
         """Add `delta` to one counter and to the index it feeds; unknown keys are only counted."""
