@@ -40,7 +40,6 @@ from pools.autoscale import (
     reactive_desired_replicas,
 )
 from pools.routing import RoutingContext
-from pools.routing.pool_choice import workflow_id
 from pools.types import ReplicaState
 
 log = logging.getLogger("pythia.autoscale")
@@ -53,9 +52,30 @@ MAX_TRACKED = 100_000  # workflows remembered per worker at most (oldest forgott
 
 @dataclass(slots=True)
 class _Flow:
-    load: WorkflowLoad
-    seen: float
+    """One tracked workflow: what its latest call predicted, kept as plain numbers and updated in place.
+
+    `observe_call` runs on every placed call: it stores the few inputs of
+    `WorkflowLoad.from_prediction` instead of building that frozen dataclass per call; `load` builds it
+    when `refresh` (periodic) asks, with the same arguments, so the projection is the same."""
+
+    pool: str
+    remaining_steps: float  # the prediction's, as it was at the call
+    remaining_output_tokens: float
+    peak_context_tokens: int
     prompt_tokens: int
+    growth: int  # prompt tokens added since the workflow's previous call
+    seen: float
+
+    @property
+    def load(self) -> WorkflowLoad:
+        """`WorkflowLoad.from_prediction` of the latest call."""
+        return WorkflowLoad(
+            self.pool,
+            max(0.0, self.remaining_steps),
+            max(0.0, self.remaining_output_tokens),
+            max(0.0, self.remaining_steps) * float(self.growth),
+            float(max(self.peak_context_tokens, self.prompt_tokens)),
+        )
 
 
 class AutoscaleSignal:
@@ -102,19 +122,29 @@ class AutoscaleSignal:
     # -- per call (sync, on the request's path: dict updates only) ---------------------------------
     def observe_call(self, ctx: RoutingContext, chosen: ReplicaState) -> None:
         """After-pick hook: project this call's workflow along its prediction."""
-        wf = workflow_id(ctx)
+        p = ctx.prediction
+        wf = p.workflow or ctx.tags.workflow  # workflow_id(ctx), inline: every call asks
         if not wf:
             return
         now = time.monotonic()
-        f, p = ctx.features, ctx.prediction
+        prompt = ctx.features.prompt_tokens
         old = self.flows.get(wf)
-        # new prompt tokens per step: how much this workflow's prompt grew since its last call
-        growth = max(0, f.prompt_tokens - old.prompt_tokens) if old is not None else 0
-        load = WorkflowLoad.from_prediction(chosen.pool, p, f.prompt_tokens, float(growth))
-        if old is None:
-            self._arrived(chosen.pool, load, now, p.cold)
-        self.flows[wf] = _Flow(load, now, f.prompt_tokens)
-        if old is None and len(self.flows) > MAX_TRACKED:
+        if old is not None:
+            # a later call: update in place (the workflow keeps its place in the oldest-first order)
+            grown = prompt - old.prompt_tokens  # new prompt tokens per step: growth since its last call
+            old.pool = chosen.pool
+            old.remaining_steps = p.remaining_steps
+            old.remaining_output_tokens = p.remaining_output_tokens
+            old.peak_context_tokens = p.peak_context_tokens
+            old.prompt_tokens = prompt
+            old.growth = grown if grown > 0 else 0
+            old.seen = now
+            return
+        flow = self.flows[wf] = _Flow(
+            chosen.pool, p.remaining_steps, p.remaining_output_tokens, p.peak_context_tokens, prompt, 0, now
+        )
+        self._arrived(chosen.pool, flow.load, now, p.cold)
+        if len(self.flows) > MAX_TRACKED:
             for k in list(self.flows)[: len(self.flows) - MAX_TRACKED]:
                 del self.flows[k]
 
@@ -158,7 +188,7 @@ class AutoscaleSignal:
         for p in self.gw.view.pools:
             caps = [r.kv_capacity_tokens for r in p.replicas if r.kv_capacity_tokens > 0]
             capacity[p.name] = ReplicaCapacity(self.output_tps, self.prefill_tps, min(caps) if caps else 0)
-        loads = [f.load for f in self.flows.values()]
+        loads = [f.load for f in self.flows.values()]  # built once here, not on every call
         demand = predictive_replica_demand(loads, capacity, rates, self.mean, self.cfg)
         pools_out = []
         for p in self.gw.view.pools:
@@ -166,7 +196,7 @@ class AutoscaleSignal:
             self.gauge.labels(p.name).set(share)
             ready = [r for r in p.replicas if r.healthy]
             util = pool_utilization([r.kv_usage for r in ready], [min(1.0, r.num_running / BATCH_REF) for r in ready])
-            mine = [f.load for f in self.flows.values() if f.load.pool == p.name]
+            mine = [w for w in loads if w.pool == p.name]
             active = [w for w in mine if w.remaining_steps > 0]
             pools_out.append({
                 "pool": p.name,

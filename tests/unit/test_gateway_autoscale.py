@@ -61,3 +61,38 @@ def test_a_finished_workflow_stops_counting() -> None:
     for i in range(10):
         place(gw, sig, f"w{i}", "long", 0)  # the last calls: nothing remains
     assert share(sig, "long") < busy
+
+
+def test_tracked_workflows_project_exactly_as_from_prediction_of_their_latest_call() -> None:
+    """`observe_call` keeps a call's numbers and builds the `WorkflowLoad` only on refresh: the loads, the
+    mean new workflow and the signal must be what `WorkflowLoad.from_prediction` per call gives."""
+    import random
+
+    from pools.autoscale import WorkflowLoad
+
+    gw, sig = signal()
+    rng = random.Random(5)
+    expected: dict[str, WorkflowLoad] = {}
+    last_prompt: dict[str, int] = {}
+    mean: dict[str, WorkflowLoad] = {}
+    for _ in range(400):
+        wf = f"w{rng.randrange(30)}"
+        pool = rng.choice(("short", "long"))
+        f = extract_features({"model": "m", "prompt": "x" * rng.randrange(1, 20000), "max_tokens": 100}, False, 0.0)
+        p = Prediction(cold=rng.random() < 0.3, workflow=wf, remaining_steps=rng.choice((-1.0, 0.0, 2.5, 7.0)),
+                       remaining_output_tokens=rng.uniform(-10, 3000), peak_context_tokens=rng.randrange(0, 30000))
+        growth = max(0, f.prompt_tokens - last_prompt[wf]) if wf in last_prompt else 0
+        load = WorkflowLoad.from_prediction(pool, p, f.prompt_tokens, float(growth))
+        if wf not in last_prompt and not p.cold:
+            m = mean.get(pool)
+            mean[pool] = load if m is None else WorkflowLoad(
+                pool, *(a + 0.1 * (b - a) for a, b in zip(
+                    (m.remaining_steps, m.remaining_output_tokens, m.remaining_prefill_tokens, m.context_tokens),
+                    (load.remaining_steps, load.remaining_output_tokens, load.remaining_prefill_tokens,
+                     load.context_tokens), strict=True)))
+        expected[wf], last_prompt[wf] = load, f.prompt_tokens
+        replica = next(r for r in gw.replicas.values() if r.pool == pool)
+        sig.observe_call(RoutingContext(f, Tags(workflow=wf), p, 0.0, gw.routing_state), replica)
+    assert list(sig.flows) == list(expected)  # first-seen order: the oldest are trimmed first
+    assert {wf: fl.load for wf, fl in sig.flows.items()} == expected
+    assert sig.mean == mean
