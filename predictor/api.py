@@ -281,14 +281,17 @@ class Predictor:
         model = self.models.get(app)
         if model is None:
             model = self.models[app] = AppModel(app)
+        # leading blocks of the system prompt: every use of it also needs the prompt's block hashes
+        sys_blocks = _system_blocks(f) if f.prefix_hashes else 0
         if tags.workflow:
             wid, linked, joined = tags.workflow, False, False
+            wf = self.live.get(app, wid)
         elif tags.session:
             wid, linked, joined = "session:" + tags.session, False, False
+            wf = self.live.get(app, wid)
         else:
-            wid, joined = self._link(app, role, f, now, model)
+            wid, joined, wf = self._link(app, role, f, now, model, sys_blocks)
             linked = True
-        wf = self.live.get(app, wid)
         if wf is None:
             wf = LiveWorkflow(app=app, wid=wid, created=now, last_seen=now, local_only=linked)
             self.live.add(wf)
@@ -296,7 +299,7 @@ class Predictor:
             self.store.want_live(app, wid)  # other gateway processes may have served calls of it meanwhile
         # one step = the parallel calls of one role; a same-role call while the step is running joins it
         cur = wf.steps[-1] if wf.steps else None
-        if cur is not None and self._is_sibling(wf, cur, role, f, now):
+        if cur is not None and self._is_sibling(wf, cur, role, f, now, sys_blocks):
             cur.width += 1
             step = cur
         else:
@@ -310,7 +313,7 @@ class Predictor:
         self.live.touch(wf, now)
         if linked:  # index untagged prompts so the calls that continue them can be linked
             if f.prefix_hashes:
-                self.live.set_prompt(wf, f.prefix_hashes, _system_blocks(f))
+                self.live.set_prompt(wf, f.prefix_hashes, sys_blocks)
             if f.content_hashes:
                 self.live.set_content(wf, f.content_hashes)
             if f.message_fingerprints:
@@ -461,17 +464,22 @@ class Predictor:
 
     # ------------------------------------------------------------------ untagged traffic
 
-    def _resolve_role(self, tags: Tags, f: RequestFeatures) -> tuple[str, str, bool]:
+    def _resolve_app(self, tags: Tags, fp: str) -> str:
+        """The app a call counts under: its tag, else the app its system prompt is known in."""
         app = tags.app
-        fp = f.system_fingerprint
         if not app and fp:
             hit = self.fp_index.get(fp)
             if hit is not None:
                 app = hit[0]
         app = app or DEFAULT_APP
-        s = self.settings
-        if app not in self.models and len(self.models) >= s.max_apps:
+        if app not in self.models and len(self.models) >= self.settings.max_apps:
             app = OVERFLOW  # memory bound: tags are client input
+        return app
+
+    def _resolve_role(self, tags: Tags, f: RequestFeatures) -> tuple[str, str, bool]:
+        fp = f.system_fingerprint
+        app = self._resolve_app(tags, fp)
+        s = self.settings
         model = self.models.get(app)
         if tags.agent:
             role, inferred = clean_role(tags.agent), False
@@ -483,26 +491,34 @@ class Predictor:
             role = OVERFLOW  # e.g. system prompts that change every call: one bucket, not a role each
         return app, role, inferred
 
-    def _link(self, app: str, role: str, f: RequestFeatures, now: float, model: AppModel) -> tuple[str, bool]:
-        """The live workflow an untagged call belongs to: (id, True), or a new id and False."""
+    def _link(self, app: str, role: str, f: RequestFeatures, now: float, model: AppModel,
+              sys_blocks: int) -> tuple[str, bool, LiveWorkflow | None]:
+        """The live workflow an untagged call belongs to: (id, True, it), or a new id, False, None.
+        `sys_blocks` is `_system_blocks(f)` (0 when the call has no prefix hashes)."""
         s = self.settings
         # a prompt that shares more than the role's system prompt with a live workflow's latest prompt
         # (it continues it, or repeats the task text of a running fan-out) belongs to that workflow
         # (block _system_blocks(f) still mixes the system prompt's end with generic markers: not evidence)
-        wid, _blocks = self.live.longest_prefix(app, f.prefix_hashes, _system_blocks(f) + 2)
-        if wid and self.live.get(app, wid) is not None:
-            self.counters["linked_prefix"] += 1
-            return wid, True
+        wid, _blocks = self.live.longest_prefix(app, f.prefix_hashes, sys_blocks + 2)
+        if wid:
+            wf = self.live.get(app, wid)
+            if wf is not None:
+                self.counters["linked_prefix"] += 1
+                return wid, True, wf
         if f.content_hashes:  # the same task text behind another role's system prompt
             wid, _blocks = self.live.longest_content(app, f.content_hashes)
-            if wid and self.live.get(app, wid) is not None:
-                self.counters["linked_content"] += 1
-                return wid, True
+            if wid:
+                wf = self.live.get(app, wid)
+                if wf is not None:
+                    self.counters["linked_content"] += 1
+                    return wid, True, wf
         if f.message_fingerprints:  # it quotes a response (or a message) of a live workflow
             wid = self.live.find_message(app, f.message_fingerprints)
-            if wid and self.live.get(app, wid) is not None:
-                self.counters["linked_message"] += 1
-                return wid, True
+            if wid:
+                wf = self.live.get(app, wid)
+                if wf is not None:
+                    self.counters["linked_message"] += 1
+                    return wid, True, wf
         # no prompt continues: the workflow whose automaton expects this role now, most recent first
         best: LiveWorkflow | None = None
         best_score = s.link_min_prob
@@ -517,7 +533,7 @@ class Predictor:
                 continue
             cur = wf.steps[-1]
             if cur.role == role:
-                if self._is_sibling(wf, cur, role, f, now, need_evidence=True):
+                if self._is_sibling(wf, cur, role, f, now, sys_blocks, need_evidence=True):
                     score = self._p_wider(model, role, cur.width)  # a sibling of a running fan-out
                 elif cur.observed < cur.width or role not in preds:
                     continue
@@ -531,13 +547,14 @@ class Predictor:
                 best, best_score = wf, score
         if best is not None and best_score >= start_p * 0.5:
             self.counters["linked_automaton"] += 1
-            return best.wid, True
+            return best.wid, True, best  # live.recent() hands out the table's own entries
         self._seq += 1
         self.counters["new_untagged"] += 1
-        return f"{app}~{self._token}{self._seq}", False
+        wid = f"{app}~{self._token}{self._seq}"
+        return wid, False, self.live.get(app, wid)
 
     def _is_sibling(self, wf: LiveWorkflow, cur: StepRec, role: str, f: RequestFeatures, now: float,
-                    need_evidence: bool = False) -> bool:
+                    sys_blocks: int, need_evidence: bool = False) -> bool:
         """Whether a call of `role` joins the workflow's running step `cur` as one more parallel call.
 
         Siblings of a fan-out share the task context beyond the system prompt; a call that continues
@@ -551,7 +568,7 @@ class Predictor:
             last = wf.last_hashes
             if last and len(f.prefix_hashes) > len(last) and _common_prefix(f.prefix_hashes, last) >= len(last):
                 return False  # it continues the latest prompt: the next turn of a loop, not a sibling
-            if _common_prefix(f.prefix_hashes, cur.hashes) >= _system_blocks(f) + 2:
+            if _common_prefix(f.prefix_hashes, cur.hashes) >= sys_blocks + 2:
                 return now - cur.started <= self.settings.sibling_window_s  # same task context: a fan-out
             if need_evidence:
                 return False
@@ -614,8 +631,11 @@ class Predictor:
         if now - self._last_tick > 2 * self.settings.tick_interval_s:  # no background tick: end one here
             for wf_done in self.live.expired(now, self.settings.workflow_idle_s, limit=1):
                 self._end(wf_done)
-        app, inferred_role, _ = self._resolve_role(tags, f)
-        role = pred.role or inferred_role
+        role = pred.role
+        if role:  # predict() named the role: only the app is needed (resolved as predict() did)
+            app = self._resolve_app(tags, f.system_fingerprint)
+        else:
+            app, role, _ = self._resolve_role(tags, f)
         model = self.models.get(app)
         if model is None:
             model = self.models[app] = AppModel(app)
@@ -766,7 +786,7 @@ def _reactive(f: RequestFeatures) -> Prediction:
 
 
 def _cap(x: float, cap: int | None) -> float:
-    return min(x, cap) if cap else x
+    return cap if cap and cap < x else x  # min(x, cap) without the builtin's call (same value, same type)
 
 
 def _system_blocks(f: RequestFeatures) -> int:
@@ -781,6 +801,8 @@ def _system_blocks(f: RequestFeatures) -> int:
 def _common_prefix(a: tuple[int, ...], b: tuple[int, ...]) -> int:
     """Leading blocks two chained-hash sequences share: equal hashes at i mean equal prefixes up to i,
     so a binary search finds the boundary in O(log n)."""
+    if a == b:  # the usual case of a repeated prompt: one C comparison
+        return len(a)
     lo, hi = 0, min(len(a), len(b))
     while lo < hi:
         mid = (lo + hi + 1) // 2

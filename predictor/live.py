@@ -50,7 +50,10 @@ class LiveWorkflow:
     @property
     def calls(self) -> int:
         """Calls of this workflow seen so far (by any process, as far as this one knows)."""
-        return sum(s.width for s in self.steps)
+        n = 0
+        for s in self.steps:  # a loop: no generator frame for the usual one or two steps
+            n += s.width
+        return n
 
 
 DENSE = 8  # blocks indexed one by one right after the system prompt
@@ -84,7 +87,8 @@ class LiveTable:
 
     def touch(self, wf: LiveWorkflow, now: float) -> None:
         """Mark activity: keeps the table ordered by last activity."""
-        wf.last_seen = max(wf.last_seen, now)
+        if now > wf.last_seen:  # max(last_seen, now)
+            wf.last_seen = now
         self.flows.move_to_end((wf.app, wf.wid))
 
     def add(self, wf: LiveWorkflow) -> list[LiveWorkflow]:
@@ -105,6 +109,9 @@ class LiveTable:
     def expired(self, now: float, idle_s: float, limit: int = 8) -> list[LiveWorkflow]:
         """Remove and return up to `limit` workflows idle for longer than `idle_s` with nothing in flight."""
         out: list[LiveWorkflow] = []
+        flows = self.flows
+        if not flows or next(iter(flows.values())).last_seen + idle_s > now:
+            return out  # the least recently active one is not idle: nothing is (observe asks every call)
         for key in list(islice(iter(self.flows), limit * 4)):
             wf = self.flows[key]
             if wf.last_seen + idle_s > now:
