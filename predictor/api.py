@@ -322,23 +322,25 @@ class Predictor:
             wf.last_hashes = f.prefix_hashes
         if f.messages:
             wf.last_messages = f.messages
-        wf.peak_context = max(wf.peak_context, f.prompt_tokens)
+        if f.prompt_tokens > wf.peak_context:  # max(), without the builtin's call
+            wf.peak_context = f.prompt_tokens
         pred = self._from_model(model, wf, step, role, f)
         pred.role = role
         pred.role_inferred = role_inferred
         pred.workflow = wid
         pred.workflow_linked = linked
         pred.step = call_index
-        pred.extra["linked_existing"] = 1.0 if joined else 0.0
-        pred.extra["step_index"] = float(len(wf.steps) - 1)
-        pred.extra["epoch"] = float(wf.epoch)  # a merge moves step indexes: observe() then finds the step by role
+        extra = pred.extra
+        extra["linked_existing"] = 1.0 if joined else 0.0
+        extra["step_index"] = float(len(wf.steps) - 1)
+        extra["epoch"] = float(wf.epoch)  # a merge moves step indexes: observe() then finds the step by role
         return pred
 
     def _from_model(self, model: AppModel, wf: LiveWorkflow, step: StepRec, role: str,
                     f: RequestFeatures) -> Prediction:
         s = self.settings
         cap = f.max_tokens
-        if self._cold(model):
+        if model.lengths.total < s.min_workflows:  # self._cold(model), inlined on the hot path
             p = _reactive(f)
             rv = self._role_view(model, role)
             if rv.calls >= s.min_state_count:  # lengths of a known role are worth having even when cold
@@ -639,24 +641,31 @@ class Predictor:
         model = self.models.get(app)
         if model is None:
             model = self.models[app] = AppModel(app)
-        outp = max(0, int(out.output_tokens))
-        prompt = max(0, int(out.prompt_tokens or f.prompt_tokens))
+        # max(0, ...) and max(a, b) below are written as comparisons: same values, no builtin calls
+        outp = int(out.output_tokens)
+        if outp < 0:
+            outp = 0
+        prompt = int(out.prompt_tokens or f.prompt_tokens)
+        if prompt < 0:
+            prompt = 0
         wf = self.live.get(app, pred.workflow) if pred.workflow else None
         if wf is None or not wf.steps:
             self._learn_call(model, role, f, prompt, outp)  # its workflow is gone: only the role's lengths
             return
-        si = int(pred.extra.get("step_index", -1.0))
-        if pred.extra.get("epoch", -1.0) != wf.epoch or not 0 <= si < len(wf.steps) or wf.steps[si].role != role:
-            si = next((i for i in range(len(wf.steps) - 1, -1, -1) if wf.steps[i].role == role), -1)
+        steps = wf.steps
+        extra = pred.extra
+        si = int(extra.get("step_index", -1.0))
+        if extra.get("epoch", -1.0) != wf.epoch or not 0 <= si < len(steps) or steps[si].role != role:
+            si = next((i for i in range(len(steps) - 1, -1, -1) if steps[i].role == role), -1)
         if si < 0:
             self._learn_call(model, role, f, prompt, outp)
             return
-        step = wf.steps[si]
+        step = steps[si]
         if step.observed == 0:  # the step's first outcome: it records the transition into the step
             if si == 0:
                 self._learn(model, f"S|{step.role}")
             else:
-                prev = wf.steps[si - 1]
+                prev = steps[si - 1]
                 self._learn(model, f"T|{prev.role}|{prev.k}|{step.role}")
                 if prev.hashes and step.hashes:
                     kept = _common_prefix(prev.hashes, step.hashes) / len(prev.hashes)
@@ -675,13 +684,16 @@ class Predictor:
                     self.store.record(model.app, keys.context_n, 1.0)
         if out.output_fingerprint and wf.local_only:  # the next role may quote this response
             self.live.set_messages(wf, (out.output_fingerprint,))
+        context = prompt + outp
         step.observed += 1
         step.out_tokens += outp
-        step.max_context = max(step.max_context, prompt + outp)
+        if context > step.max_context:
+            step.max_context = context
         wf.out_tokens += outp
-        wf.in_flight = max(0, wf.in_flight - 1)
-        wf.last_context = prompt + outp
-        wf.peak_context = max(wf.peak_context, prompt + outp)
+        wf.in_flight = wf.in_flight - 1 if wf.in_flight > 1 else 0
+        wf.last_context = context
+        if context > wf.peak_context:
+            wf.peak_context = context
         if out.finished_s > 0:
             self.live.touch(wf, out.finished_s)
         if self._share_live and not wf.local_only:

@@ -206,10 +206,14 @@ class AppModel:
             r = self.roles[role] = RoleStats()
         r.updates += 5
         r.calls += 1.0
-        r.output.add_bucket(out_bucket, 1.0)
-        r.output.sum += out_tokens
-        r.prompt.add_bucket(prompt_bucket, 1.0)
-        r.prompt.sum += prompt_tokens
+        sk = r.output  # LogSketch.add_bucket(out_bucket, 1.0), inlined, then the sum
+        sk.counts[out_bucket] = sk.counts.get(out_bucket, 0.0) + 1.0
+        sk.total += 1.0
+        sk.sum += out_tokens
+        sk = r.prompt
+        sk.counts[prompt_bucket] = sk.counts.get(prompt_bucket, 0.0) + 1.0
+        sk.total += 1.0
+        sk.sum += prompt_tokens
         return okey, pkey
 
     def learn_fingerprint(self, keys: RoleKeys, fp: str) -> str | None:
