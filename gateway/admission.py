@@ -35,7 +35,7 @@ from gateway.tasks import cancel_and_wait
 from pools.admission import AdmissionQueue, concurrency_limit, overflow_policy
 from pools.routing import Decision, Policy, RoutingContext, route
 from pools.routing.base import RouteError
-from pools.routing.kv import call_kv_expected
+from pools.routing.kv import call_kv
 from pools.types import ReplicaState
 
 log = logging.getLogger("pythia.admission")
@@ -71,9 +71,10 @@ class TypicalCallSize:
 
     def record(self, ctx: RoutingContext, chosen: ReplicaState) -> None:
         """After-pick hook: fold this call into its pool's average."""
-        x = float(call_kv_expected(ctx))
-        old = self.by_pool.get(chosen.pool)
-        self.by_pool[chosen.pool] = x if old is None else old + TYPICAL_EWMA * (x - old)
+        x = float(call_kv(ctx)[1])  # call_kv_expected(ctx), which route() has worked out already
+        pool = chosen.pool
+        old = self.by_pool.get(pool)
+        self.by_pool[pool] = x if old is None else old + TYPICAL_EWMA * (x - old)
 
     def tokens(self, pool: str) -> int:
         return int(self.by_pool.get(pool, self.default))

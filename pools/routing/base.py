@@ -89,6 +89,10 @@ class RoutingContext:
     # call, load of each, matched prefix blocks of each or None when it did not look), so the placement
     # scorer need not read every replica again
     kv_free: tuple[list[ReplicaState], list[float], list[int], list[int] | None] | None = None
+    # (`call_kv_bound`, `call_kv_expected`), worked out once by `pools.routing.kv.call_kv`: the KV filter,
+    # the reservation and the gateway's typical-call-size hook all ask; it depends only on `features` and
+    # `prediction`, which stay as they are for the life of a context (a routing again keeps it)
+    kv_need: tuple[int, int] | None = None
 
     def sampled_hashes(self) -> tuple[int, ...]:
         """The prompt's block hashes at the positions the routing index keeps (pools.routing.sampling)."""

@@ -34,7 +34,11 @@ def output_expected(ctx: RoutingContext) -> int:
 
 
 def call_kv(ctx: RoutingContext) -> tuple[int, int]:
-    """(`call_kv_bound`, `call_kv_expected`) in one go: the output bound is worked out once."""
+    """(`call_kv_bound`, `call_kv_expected`) in one go: the output bound is worked out once, and the pair
+    once per context (kept in `ctx.kv_need`)."""
+    need = ctx.kv_need
+    if need is not None:
+        return need
     f, p = ctx.features, ctx.prediction
     mt = f.max_tokens
     b = p.output_tokens_bound
@@ -44,7 +48,8 @@ def call_kv(ctx: RoutingContext) -> tuple[int, int]:
         b = mt
     e = p.output_tokens_expected
     prompt = f.prompt_tokens
-    return prompt + b, prompt + (min(b, math.ceil(e)) if e > 0 else b)
+    need = ctx.kv_need = (prompt + b, prompt + (min(b, math.ceil(e)) if e > 0 else b))
+    return need
 
 
 def call_kv_bound(ctx: RoutingContext) -> int:

@@ -26,7 +26,7 @@ for ablation.
 from __future__ import annotations
 
 from pools.routing.base import RoutingContext
-from pools.routing.kv import TOKENS_PER_BLOCK, call_kv_expected
+from pools.routing.kv import TOKENS_PER_BLOCK, call_kv
 from pools.types import ReplicaState
 
 
@@ -101,7 +101,7 @@ class PythiaPlacementScorer:
     @staticmethod
     def _free(ctx: RoutingContext, candidates: list[ReplicaState]) -> list[float]:
         """Expected free KV fraction after this call (what the KV-capacity filter stashes when it runs)."""
-        need = call_kv_expected(ctx)
+        need = call_kv(ctx)[1]  # call_kv_expected(ctx), worked out once per context
         out: list[float] = []
         for r in candidates:
             cap = r.kv_capacity_tokens
