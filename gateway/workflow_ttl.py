@@ -18,7 +18,6 @@ from collections.abc import Callable
 
 from gateway.tasks import PeriodicTask
 from pools.routing import RoutingContext, RoutingState
-from pools.routing.pool_choice import workflow_id
 from pools.types import ReplicaState
 
 log = logging.getLogger("pythia.workflow_ttl")
@@ -41,10 +40,11 @@ class WorkflowStateReaper:
 
     def touch(self, ctx: RoutingContext, chosen: ReplicaState) -> None:
         """After-pick hook: the workflow of this call is active now."""
-        wf = workflow_id(ctx)
+        wf = ctx.prediction.workflow or ctx.tags.workflow  # workflow_id(ctx), inline: every call asks
         if wf:
-            self.last_call[wf] = self.clock()
-            self.last_call.move_to_end(wf)
+            last = self.last_call
+            last[wf] = self.clock()
+            last.move_to_end(wf)
 
     def sweep(self, now: float | None = None) -> int:
         """Forget every workflow with no call for `ttl_s`; returns how many were forgotten."""

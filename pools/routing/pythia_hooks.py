@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 from pools.routing.base import RoutingContext
-from pools.routing.pool_choice import workflow_id
 from pools.types import ReplicaState
 
 
 def record_workflow(ctx: RoutingContext, chosen: ReplicaState) -> None:
     """Remember where the workflow's latest call went and when the workflow began (for aging)."""
-    wf = workflow_id(ctx)
+    wf = ctx.prediction.workflow or ctx.tags.workflow  # workflow_id(ctx), inline: every call asks
     if not wf:
         return
     st = ctx.state

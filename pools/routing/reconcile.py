@@ -6,7 +6,6 @@ from __future__ import annotations
 from pools.prefix_hash import DEFAULT_BLOCK_CHARS
 from pools.request_features import BYTES_PER_TOKEN
 from pools.routing.base import RoutingContext, RoutingState
-from pools.routing.pool_choice import workflow_id
 from pools.routing.sampling import ENTRIES_PER_BLOCK, full_match_blocks
 from pools.types import ReplicaState
 
@@ -40,15 +39,17 @@ def size_from_capacity(state: RoutingState, replica: ReplicaState) -> None:
 def record_prediction(ctx: RoutingContext, chosen: ReplicaState) -> None:
     """After a pick: remember how many prompt tokens the index expected to hit on the chosen replica."""
     state = ctx.state
-    size_from_capacity(state, chosen)
+    url = chosen.url
+    if chosen.kv_capacity_tokens > 0 and url not in state.sized_replicas:  # size_from_capacity's own test
+        size_from_capacity(state, chosen)
     f = ctx.features
     prompt = f.prompt_tokens
-    url = chosen.url
-    hit_blocks = ctx.matched_blocks().get(url, 0)
+    matched = ctx.prefix_match  # ctx.matched_blocks(), usually already worked out by the filter or scorer
+    hit_blocks = (ctx.matched_blocks() if matched is None else matched).get(url, 0)
     hit = min(prompt, hit_blocks * TOKENS_PER_BLOCK)
-    wf = workflow_id(ctx)
-    if wf and f.prefix_hashes:
-        hashes = f.prefix_hashes
+    wf = ctx.prediction.workflow or ctx.tags.workflow  # workflow_id(ctx), inline: every call asks
+    hashes = f.prefix_hashes
+    if wf and hashes:
         tip = state.workflow_tip.get(wf)
         # The index holds prompts only, but an engine also caches the tokens it generated: a call that
         # continues its workflow's previous call on the same replica (its prompt extends that call's
@@ -61,8 +62,9 @@ def record_prediction(ctx: RoutingContext, chosen: ReplicaState) -> None:
                 # and the index, which samples block positions, under-reports that previous prompt
                 hit = min(prompt, max(hit, n * TOKENS_PER_BLOCK, f.reply_end_tokens))
         state.workflow_tip[wf] = (url, len(hashes), hashes[-1])
-    state.predicted_hit_tokens[url] = state.predicted_hit_tokens.get(url, 0.0) + hit
-    state.routed_prompt_tokens[url] = state.routed_prompt_tokens.get(url, 0.0) + prompt
+    predicted, routed = state.predicted_hit_tokens, state.routed_prompt_tokens
+    predicted[url] = predicted.get(url, 0.0) + hit
+    routed[url] = routed.get(url, 0.0) + prompt
 
 
 def reconcile_prefix_index(
