@@ -7,9 +7,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from functools import partial
 
-from pools.routing.base import AfterPick, Filter, Policy
+from pools.routing.base import AfterPick, Filter, Policy, PoolChooser, PriorityFn, RouteError, RoutingContext
 from pools.routing.filters.healthy import HealthyFilter
 from pools.routing.filters.kv_capacity import KvCapacityFilter
 from pools.routing.pickers.cache_aware import CacheAwarePicker
@@ -25,6 +24,7 @@ from pools.routing.scorers.gie_prefix_cache import GiePrefixCacheScorer
 from pools.routing.scorers.gie_queue import GieQueueScorer
 from pools.routing.scorers.pythia_placement import PythiaPlacementScorer
 from pools.routing.scorers.queue_depth import QueueDepthScorer
+from pools.types import ClusterView, PoolState
 
 
 def round_robin() -> Policy:
@@ -107,16 +107,32 @@ def pythia(
     )
     return Policy(
         name,
-        partial(predicted_peak_pool, spill_margin=spill_margin, short_penalty=short_penalty, likely_peak=likely_peak) if pool else smallest_fitting_pool,
+        _peak_pool(spill_margin, short_penalty, likely_peak) if pool else smallest_fitting_pool,
         tuple(filters),
         ((scorer, 1.0),),
         MaxScorePicker(),
-        priority=partial(lookahead_priority, aging_s=aging_s) if priority else None,
+        priority=_lookahead(aging_s) if priority else None,
         uses_prefix_index=prefix,
         after_pick=tuple(hooks),
         actions=choose_prewarm if prewarm else None,
         reserve_uncached=reserve_uncached and prefix,
     )
+
+
+# The pool chooser and priority of a policy run on every call: closures passing their settings
+# positionally cost less per call than `functools.partial` with keywords (which merges a dict each call).
+def _peak_pool(spill_margin: float, short_penalty: float, likely_peak: bool) -> PoolChooser:
+    def choose(ctx: RoutingContext, view: ClusterView) -> PoolState | RouteError:
+        return predicted_peak_pool(ctx, view, spill_margin, short_penalty, likely_peak)
+
+    return choose
+
+
+def _lookahead(aging_s: float) -> PriorityFn:
+    def priority(ctx: RoutingContext) -> int | None:
+        return lookahead_priority(ctx, aging_s)
+
+    return priority
 
 
 # mechanisms a `pythia-no-<name>` ablation switches off (autoscaling is evaluated on its own)
