@@ -132,7 +132,9 @@ class LiveTable:
         wf.last_hashes = hashes
         if not hashes:
             return
-        idx = self.hash_index.setdefault(wf.app, {})
+        idx = self.hash_index.get(wf.app)
+        if idx is None:  # (not setdefault(app, {}): that builds an empty dict on every call)
+            idx = self.hash_index[wf.app] = {}
         new = wf.indexed
         wid = wf.wid
         get = idx.get
@@ -150,10 +152,13 @@ class LiveTable:
 
     def set_content(self, wf: LiveWorkflow, hashes: tuple[int, ...], blocks: int = 4) -> None:
         """Index the first blocks of a prompt's content after its system message (its task text)."""
-        idx = self.content_index.setdefault(wf.app, {})
+        idx = self.content_index.get(wf.app)
+        if idx is None:  # (not setdefault(app, {}): that builds an empty dict on every call)
+            idx = self.content_index[wf.app] = {}
+        wid = wf.wid
         for h in hashes[:blocks]:
-            if idx.get(h) != wf.wid:
-                idx[h] = wf.wid
+            if idx.get(h) != wid:
+                idx[h] = wid
                 wf.content_indexed.append(h)
 
     def longest_content(self, app: str, hashes: tuple[int, ...], blocks: int = 4) -> tuple[str, int]:
@@ -169,10 +174,13 @@ class LiveTable:
 
     def set_messages(self, wf: LiveWorkflow, fingerprints: tuple[str, ...] | list[str]) -> None:
         """Index fingerprints of the workflow's messages or responses (empty ones are skipped)."""
-        idx = self.message_index.setdefault(wf.app, {})
+        idx = self.message_index.get(wf.app)
+        if idx is None:  # (not setdefault(app, {}): that builds an empty dict on every call)
+            idx = self.message_index[wf.app] = {}
+        wid = wf.wid
         for fp in fingerprints:
-            if fp and idx.get(fp) != wf.wid:
-                idx[fp] = wf.wid
+            if fp and idx.get(fp) != wid:
+                idx[fp] = wid
                 wf.message_indexed.append(fp)
 
     def find_message(self, app: str, fingerprints: tuple[str, ...]) -> str:
