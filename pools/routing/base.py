@@ -130,7 +130,9 @@ class PrewarmAction:
 
 @dataclass(slots=True)
 class Decision:
-    """Where a call goes, at which priority, and what else to do; `error` set when it cannot go."""
+    """Where a call goes, at which priority, and what else to do; `error` set when it cannot go.
+
+    `route()` builds a placement positionally (cheaper than keywords, every call): keep the field order."""
 
     pool: str = ""
     replica: str = ""

@@ -47,19 +47,16 @@ def route(ctx: RoutingContext, view: ClusterView, policy: Policy) -> Decision:
             totals = [t + weight * s for t, s in zip(totals, scorer.score(ctx, candidates), strict=True)]
     chosen = candidates[0] if len(candidates) == 1 else policy.picker.pick(ctx, candidates, totals)
     if policy.uses_prefix_index and ctx.features.prefix_hashes:
-        ctx.state.prefix_index.insert(chosen.url, ctx.sampled_hashes())
+        sampled = ctx.sampled  # usually worked out already, for the prefix match
+        ctx.state.prefix_index.insert(chosen.url, ctx.sampled_hashes() if sampled is None else sampled)
     for hook in policy.after_pick:
         hook(ctx, chosen)
     priority = policy.priority(ctx) if policy.priority is not None else ctx.features.priority
     prewarm = policy.actions(ctx, view, chosen) if policy.actions is not None else ()
     cached = cached_prompt_tokens(ctx, chosen.url) if policy.reserve_uncached else 0
     kv_bound, kv_expected = call_kv(ctx)
+    # positional (pool, replica, priority, error, queue, prewarm, reason, kv_reserve_tokens,
+    # kv_expected_tokens): a keyword call to the dataclass's __init__ costs about twice as much, every call
     return Decision(
-        pool=pool.name,
-        replica=chosen.url,
-        priority=priority,
-        prewarm=prewarm,
-        reason=policy.picker.name,
-        kv_reserve_tokens=kv_bound - cached,
-        kv_expected_tokens=kv_expected - cached,
+        pool.name, chosen.url, priority, None, False, prewarm, policy.picker.name, kv_bound - cached, kv_expected - cached
     )

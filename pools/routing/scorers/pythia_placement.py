@@ -69,7 +69,7 @@ class PythiaPlacementScorer:
         # equal, top = hi + 1 and k = qw give every candidate the full qw
         top, k = (hi, qw / (hi - lo)) if hi > lo else (hi + 1, qw)
         total = len(ctx.features.prefix_hashes)
-        matched = ctx.matched_blocks() if pw and total else None
+        matched = (ctx.prefix_match if ctx.prefix_match is not None else ctx.matched_blocks()) if pw and total else None
         if not matched:
             if hw:
                 return [(top - x) * k + hw * (f if f < 1.0 else 1.0) for x, f in zip(loads, free, strict=True)]
