@@ -3,10 +3,10 @@ from the hit rate each replica reports (`vllm:prefix_cache_hits` / `vllm:prefix_
 
 from __future__ import annotations
 
-from pools.prefix_hash import DEFAULT_BLOCK_CHARS
+from pools.prefix_hash import DEFAULT_BLOCK_CHARS, MAX_BLOCKS
 from pools.request_features import BYTES_PER_TOKEN
 from pools.routing.base import RoutingContext, RoutingState
-from pools.routing.sampling import ENTRIES_PER_BLOCK, full_match_blocks
+from pools.routing.sampling import ENTRIES_PER_BLOCK, FULL_MATCH_BLOCKS
 from pools.types import ReplicaState
 
 TOKENS_PER_BLOCK = DEFAULT_BLOCK_CHARS // BYTES_PER_TOKEN
@@ -46,7 +46,9 @@ def record_prediction(ctx: RoutingContext, chosen: ReplicaState) -> None:
     prompt = f.prompt_tokens
     matched = ctx.prefix_match  # ctx.matched_blocks(), usually already worked out by the filter or scorer
     hit_blocks = (ctx.matched_blocks() if matched is None else matched).get(url, 0)
-    hit = min(prompt, hit_blocks * TOKENS_PER_BLOCK)
+    hit = hit_blocks * TOKENS_PER_BLOCK
+    if hit > prompt:
+        hit = prompt
     wf = ctx.prediction.workflow or ctx.tags.workflow  # workflow_id(ctx), inline: every call asks
     hashes = f.prefix_hashes
     if wf and hashes:
@@ -58,9 +60,20 @@ def record_prediction(ctx: RoutingContext, chosen: ReplicaState) -> None:
         # conversation, and reconciliation would grow the index past what the engines hold.
         if tip is not None and tip[0] == url:
             n = tip[1]
-            if n <= len(hashes) and hashes[n - 1] == tip[2] and hit_blocks >= full_match_blocks(n):
-                # and the index, which samples block positions, under-reports that previous prompt
-                hit = min(prompt, max(hit, n * TOKENS_PER_BLOCK, f.reply_end_tokens))
+            if (
+                n <= len(hashes)
+                and hashes[n - 1] == tip[2]
+                and hit_blocks >= FULL_MATCH_BLOCKS[n if n < MAX_BLOCKS else MAX_BLOCKS]  # full_match_blocks(n)
+            ):
+                # and the index, which samples block positions, under-reports that previous prompt:
+                # hit = min(prompt, max(hit, n * TOKENS_PER_BLOCK, f.reply_end_tokens)), without the calls
+                prev = n * TOKENS_PER_BLOCK
+                if prev > hit:
+                    hit = prev
+                if f.reply_end_tokens > hit:
+                    hit = f.reply_end_tokens
+                if hit > prompt:
+                    hit = prompt
         state.workflow_tip[wf] = (url, len(hashes), hashes[-1])
     predicted, routed = state.predicted_hit_tokens, state.routed_prompt_tokens
     predicted[url] = predicted.get(url, 0.0) + hit

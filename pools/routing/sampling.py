@@ -53,6 +53,10 @@ def blocks_for(samples_matched: int) -> int:
     return POSITIONS[samples_matched - 1] + 1 if samples_matched > 0 else 0
 
 
+# FULL_MATCH_BLOCKS[n]: `full_match_blocks(n)` for every n up to MAX_BLOCKS (one list index per call)
+FULL_MATCH_BLOCKS: list[int] = [BLOCKS_FOR[_COUNT[n]] for n in range(MAX_BLOCKS + 1)]
+
+
 def full_match_blocks(n: int) -> int:
     """Leading blocks a match reports for a prompt of `n` blocks that the index holds in full."""
-    return BLOCKS_FOR[_COUNT[min(n, MAX_BLOCKS)]]
+    return FULL_MATCH_BLOCKS[n if n < MAX_BLOCKS else MAX_BLOCKS]

@@ -14,6 +14,16 @@ class MaxScorePicker:
     name = "max-score"
 
     def pick(self, ctx: RoutingContext, candidates: list[ReplicaState], scores: list[float]) -> ReplicaState:
+        if len(scores) == 2:
+            # two replicas (a small pool): the same test as below without the list work. max() keeps the
+            # first of equals, so the second wins only when strictly higher, and alone when the first is
+            # below its score by more than the tie margin; otherwise the tie rotation below decides
+            a, b = scores
+            if b > a:
+                if a < b - 1e-9:
+                    return candidates[1]
+            elif b < a - 1e-9:
+                return candidates[0]
         best = max(scores)
         floor = best - 1e-9
         # usually one clear winner: the runner-up (the best of the rest, in C) is below the tie margin
