@@ -87,6 +87,16 @@ def find_usage(data: bytes) -> dict[str, Any] | None:
     return None
 
 
+def with_field(raw: bytes, non_empty: bool, key: bytes, value: int | float) -> bytes:
+    """`raw` (a JSON object's bytes, `key` absent from it) with `"key": value` added at its end."""
+    end = raw.rstrip()
+    if not end.endswith(b"}"):  # not what orjson parsed as an object: cannot happen, re-serializing is the fallback
+        body = orjson.loads(raw)
+        body[key.decode()] = value
+        return orjson.dumps(body)
+    return b'%s%s"%s":%s}' % (end[:-1], b"," if non_empty else b"", key, orjson.dumps(value))
+
+
 class _SSEResponse(web.StreamResponse):
     """A streamed answer whose status line and headers leave with its first bytes (one send, not two).
 
@@ -322,10 +332,15 @@ class Gateway:
             return self._reject(err.status, err.code, err.message, retry_after_s=err.retry_after_s, pool=decision.pool)
         if decision.prewarm and self.prewarm is not None:
             self.prewarm(decision.prewarm)
+        payload = raw
         if decision.priority is not None and self._forward_priority and body.get("priority") != decision.priority:
-            body["priority"] = decision.priority
-            changed = True
-        payload = orjson.dumps(body) if changed else raw
+            if changed or "priority" in body:
+                body["priority"] = decision.priority
+                changed = True
+            else:  # the usual case: add the field to the client's bytes instead of re-serializing the body
+                payload = with_field(raw, bool(body), b"priority", decision.priority)
+        if changed:
+            payload = orjson.dumps(body)
         return await self._proxy(request, ctx, decision, payload)
 
     async def _read_body(self, request: web.Request) -> bytes | web.Response:

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
-from gateway.proxy import find_usage
+import json
+
+import orjson
+from hypothesis import given
+from hypothesis import strategies as st
+
+from gateway.proxy import find_usage, with_field
 from gateway.scrape import parse_vllm_metrics
 
 VLLM_METRICS = """\
@@ -46,3 +52,12 @@ def test_usage_from_json_body_and_sse_tail() -> None:
     assert find_usage(sse) == {"prompt_tokens": 5, "completion_tokens": 1}
     assert find_usage(b'data: {"usage":null}\n\n') is None
     assert find_usage(b"data: [DONE]\n\n") is None
+
+
+@given(st.dictionaries(st.text(max_size=5).filter(lambda k: k != "priority"), st.integers() | st.text(max_size=5), max_size=4),
+       st.integers(-(2**31), 2**31), st.sampled_from(["", " ", "\n  "]))
+def test_priority_added_to_the_client_bytes_parses_as_the_body_with_it(body: dict[str, object], prio: int, ws: str) -> None:
+    raw = json.dumps(body).encode() + ws.encode()
+    out = with_field(raw, bool(body), b"priority", prio)
+    assert orjson.loads(out) == {**body, "priority": prio}
+    assert out.startswith(raw.rstrip()[:-1])  # the client's own bytes, untouched, up to the closing brace
