@@ -478,8 +478,8 @@ class FastProtocol(asyncio.Protocol):
             self._fail(400, "invalid_request", "malformed HTTP request")
             return False
         self._buf = buf[head_len:]
-        hv = parser.get_http_version()
-        version = (1, 1) if hv == "1.1" else (1, 0)
+        # the parser accepted the request line, so it ends in its HTTP version (get_http_version formats a str)
+        version = (1, 1) if buf[line_end - 3 : line_end] == b"1.1" else (1, 0)
         keep_alive = parser.should_keep_alive()
         self._parser = None
         cl: int | None = None
