@@ -32,7 +32,7 @@ from prometheus_client import Counter, Gauge, Histogram
 
 from gateway.proxy import Gateway
 from gateway.tasks import cancel_and_wait
-from pools.admission import AdmissionQueue, concurrency_limit, overflow_policy
+from pools.admission import DEFAULT_CONCURRENCY, AdmissionQueue, overflow_policy
 from pools.routing import Decision, Policy, RoutingContext, route
 from pools.routing.base import RouteError
 from pools.routing.kv import call_kv
@@ -99,7 +99,23 @@ class ConcurrencyBoundFilter:
         if not candidates:
             return candidates
         typical = self.typical.tokens(candidates[0].pool) if self.kv_aware else 0
-        return [r for r in candidates if r.inflight == 0 or r.inflight < concurrency_limit(r, typical)]
+        # keeps r when r.inflight == 0 or r.inflight < concurrency_limit(r, typical), with that limit
+        # worked out inline: this runs for every candidate of every call (a function call each was
+        # most of its cost); tests/unit/test_gateway_admission.py checks it against concurrency_limit
+        out: list[ReplicaState] = []
+        for r in candidates:
+            n = r.inflight
+            if n == 0:
+                out.append(r)
+                continue
+            limit = r.max_num_seqs or DEFAULT_CONCURRENCY
+            if typical > 0:
+                cap = r.kv_capacity_tokens
+                if cap > 0 and cap // typical < limit:
+                    limit = cap // typical
+            if n < limit or n < 1:  # n < max(1, limit)
+                out.append(r)
+        return out
 
 
 class AdmissionController:

@@ -153,6 +153,33 @@ def test_concurrency_bound_from_kv_capacity_holds_calls_beyond_it() -> None:
     assert any(isinstance(x, ConcurrencyBoundFilter) and not x.kv_aware for x in gw.policy.filters)
 
 
+def test_concurrency_bound_keeps_exactly_the_replicas_below_concurrency_limit() -> None:
+    """The filter works the limit out inline: it must keep what `concurrency_limit` says, for random
+    in-flight counts, batch limits (0 = unknown), KV capacities and typical call sizes."""
+    import random
+
+    from pools.admission import concurrency_limit
+    from pools.types import ReplicaState
+
+    gw, adm = gateway()
+    rng = random.Random(4)
+    c = ctx(gw, "q", 2)
+    for kv_aware in (True, False):
+        f = ConcurrencyBoundFilter(adm.typical, kv_aware=kv_aware)
+        for _ in range(3000):
+            adm.typical.by_pool["short"] = rng.choice((0.0, 0.4, 1.0, 700.0, 4096.0, 90_000.0, 2e6))
+            typical = adm.typical.tokens("short") if kv_aware else 0
+            reps = []
+            for i in range(rng.randint(1, 6)):
+                r = ReplicaState(f"http://r{i}", "short")
+                r.inflight = rng.choice((-1, 0, 1, 2, 5, 16, 255, 256, 300))
+                r.max_num_seqs = rng.choice((0, 1, 4, 16, 256))
+                r.kv_capacity_tokens = rng.choice((-1, 0, 100, 5000, 450_000))
+                reps.append(r)
+            want = [r for r in reps if r.inflight == 0 or r.inflight < concurrency_limit(r, typical)]
+            assert f.filter(c, reps) == want
+
+
 def test_auto_mode_queues_only_for_policies_with_priorities() -> None:
     assert admission_enabled("auto", make_policy("pythia"))
     assert not admission_enabled("auto", make_policy("round_robin"))
