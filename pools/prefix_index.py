@@ -53,14 +53,20 @@ class PrefixIndex:
         alive = owners_of.get(hashes[0], 0) if n else 0
         if not alive:
             return result
+        # (names are stored one by one: for the few replicas that drop out at a position that costs half
+        # of building a dict with fromkeys and merging it)
         for i in range(1, n):
             kept = alive & owners_of.get(hashes[i], 0)
             if kept != alive:
-                result.update(dict.fromkeys(self._names_of(alive ^ kept), i if value_of is None else value_of[i]))
+                v = i if value_of is None else value_of[i]
+                for name in self._names_of(alive ^ kept):
+                    result[name] = v
                 if not kept:
                     return result
                 alive = kept
-        result.update(dict.fromkeys(self._names_of(alive), n if value_of is None else value_of[n]))
+        v = n if value_of is None else value_of[n]
+        for name in self._names_of(alive):
+            result[name] = v
         return result
 
     def insert(self, replica: str, hashes: Iterable[int]) -> None:
