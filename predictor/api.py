@@ -772,9 +772,21 @@ class Predictor:
             after_calls -= st.width
             after_out -= st.out_tokens
             growth = max(0, peaks[i] - st.prompt_tokens)
-            for kind, value in (("R", after_calls), ("Q", after_out), ("G", growth)):
-                self._learn(model, f"{kind}|{st.role}|{st.k}|{bucket_of(value)}")
-                self._learn(model, f"{kind}S|{st.role}|{st.k}", value)
+            if "|" in st.role:  # its keys parse as another role's: apply() handles them
+                for kind, value in (("R", after_calls), ("Q", after_out), ("G", growth)):
+                    self._learn(model, f"{kind}|{st.role}|{st.k}|{bucket_of(value)}")
+                    self._learn(model, f"{kind}S|{st.role}|{st.k}", value)
+                continue
+            # the same six counters in one pass (a workflow's end learns these for every step)
+            keys = model.learn_remaining(st.role, st.k, after_calls, after_out, growth)
+            if self._persists:
+                record, app = self.store.record, model.app
+                record(app, keys[0], 1.0)
+                record(app, keys[1], after_calls)
+                record(app, keys[2], 1.0)
+                record(app, keys[3], after_out)
+                record(app, keys[4], 1.0)
+                record(app, keys[5], growth)
 
     def _error(self, where: str) -> None:
         self.counters["errors"] += 1

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from predictor.sketch import LogSketch
+from predictor.sketch import LogSketch, bucket_of
 
 END = "$end"
 K_MAX = 12
@@ -251,6 +251,40 @@ class AppModel:
         r.updates += 2
         r.context_sum += share
         r.context_n += 1.0
+
+    def learn_remaining(self, role: str, k: int, calls: int, out: int, growth: int) -> tuple[str, ...]:
+        """What a finished workflow learns of one step in state (role, k): exactly `apply` of
+        R|R|k|b(calls) +1, RS|R|k +calls, Q|R|k|b(out) +1, QS|R|k +out, G|R|k|b(growth) +1 and
+        GS|R|k +growth, in that order, in one pass (b = the value's bucket). Returns those keys;
+        `role` must not hold ``|`` (its keys would parse as another role's)."""
+        rb, qb, gb = bucket_of(calls), bucket_of(out), bucket_of(growth)
+        keys = (f"R|{role}|{k}|{rb}", f"RS|{role}|{k}", f"Q|{role}|{k}|{qb}", f"QS|{role}|{k}",
+                f"G|{role}|{k}|{gb}", f"GS|{role}|{k}")
+        counts = self.counts
+        get = counts.get
+        counts[keys[0]] = get(keys[0], 0.0) + 1.0
+        counts[keys[1]] = get(keys[1], 0.0) + calls
+        counts[keys[2]] = get(keys[2], 0.0) + 1.0
+        counts[keys[3]] = get(keys[3], 0.0) + out
+        counts[keys[4]] = get(keys[4], 0.0) + 1.0
+        counts[keys[5]] = get(keys[5], 0.0) + growth
+        self.version += 6
+        r = self.role(role)
+        r.updates += 6
+        st = self.state(role, k)
+        st.remaining.add_bucket(rb, 1.0)
+        r.remaining.add_bucket(rb, 1.0)
+        st.remaining.sum += calls
+        r.remaining.sum += calls
+        st.remaining_out.add_bucket(qb, 1.0)
+        r.remaining_out.add_bucket(qb, 1.0)
+        st.remaining_out.sum += out
+        r.remaining_out.sum += out
+        st.growth.add_bucket(gb, 1.0)
+        r.growth.add_bucket(gb, 1.0)
+        st.growth.sum += growth
+        r.growth.sum += growth
+        return keys
 
     def apply(self, key: str, delta: float) -> None:
         """Add `delta` to one counter and to the index it feeds; unknown keys are only counted."""

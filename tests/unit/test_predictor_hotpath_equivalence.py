@@ -245,6 +245,26 @@ def test_learn_call_and_friends_equal_the_keys_they_stand_for() -> None:
     assert keys is not None and fast.learn_fingerprint(keys, "f|g") is None
 
 
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["planner", "coder", ""]), st.integers(1, 12), st.integers(0, 40),
+                          st.integers(0, 5000), st.integers(0, 100_000)), max_size=20))
+def test_learn_remaining_equals_the_keys_it_stands_for(steps: list[tuple[str, int, int, int, int]]) -> None:
+    fast, general = AppModel("a"), AppModel("a")
+    for role, k, calls, out, growth in steps:
+        keys = fast.learn_remaining(role, k, calls, out, growth)
+        expected = []
+        for kind, value in (("R", calls), ("Q", out), ("G", growth)):
+            expected += [(f"{kind}|{role}|{k}|{bucket_of(value)}", 1.0), (f"{kind}S|{role}|{k}", value)]
+        for key, delta in expected:
+            general.apply(key, delta)
+        assert list(keys) == [key for key, _ in expected]
+    a, b = asdict(fast), asdict(general)
+    a.pop("keys")
+    b.pop("keys")
+    assert a == b
+    assert list(fast.counts) == list(general.counts) and list(fast.states) == list(general.states)
+
+
 def _reference_common_prefix(a: tuple[int, ...], b: tuple[int, ...]) -> int:
     lo, hi = 0, min(len(a), len(b))
     while lo < hi:
