@@ -34,10 +34,11 @@ from predictor.sketch import LogSketch, bucket_of
 END = "$end"
 K_MAX = 12
 
-# Parsed form of the keys every call learns: (kind, role, int field, str field). Parsing a key
-# (split, int) cost about as much as applying it; the same keys come back call after call.
+# Parsed form of the keys calls and workflow ends learn: (kind, role, int field, str field).
+# Parsing a key (split, int) cost about as much as applying it; the same keys come back call
+# after call, and workflow after workflow (F, V, L, LS: a workflow's end).
 _ROLE_KINDS = frozenset(("C", "OS", "PS", "X", "XN", "S"))  # KIND|R
-_BUCKET_KINDS = frozenset(("O", "P"))  # KIND|R|b
+_BUCKET_KINDS = frozenset(("O", "P", "F", "V"))  # KIND|R|b (or width, visits)
 _PAIR_KINDS = frozenset(("FP", "CR", "CN"))  # KIND|R|x
 _PARSED: dict[str, tuple[str, str, int, str]] = {}
 _PARSED_MAX = 65536  # distinct keys remembered (then the cache starts over)
@@ -52,11 +53,15 @@ def _parse(key: str) -> tuple[str, str, int, str] | None:
         return kind, p[1], 0, ""
     if n == 3 and kind in _PAIR_KINDS:
         return kind, p[1], 0, p[2]
+    if n == 1 and kind == "LS":
+        return kind, "", 0, ""
     try:
         if n == 3 and kind in _BUCKET_KINDS:
             return kind, p[1], int(p[2]), ""
         if n == 4 and kind == "T":
             return kind, p[1], int(p[2]), p[3]
+        if n == 2 and kind == "L":
+            return kind, "", int(p[1]), ""
     except ValueError:
         return None
     return None
@@ -302,6 +307,12 @@ class AppModel:
         counts[key] = counts.get(key, 0.0) + delta
         self.version += 1
         kind, name, n, other = op
+        if kind == "L":  # the app's kinds: no role
+            self.lengths.add_bucket(n, delta)
+            return
+        if kind == "LS":
+            self.lengths.sum += delta
+            return
         r = self.roles.get(name)
         if r is None:
             r = self.roles[name] = RoleStats()
@@ -338,6 +349,10 @@ class AppModel:
             r.carry_n[other] = r.carry_n.get(other, 0.0) + delta
         elif kind == "S":
             r.starts += delta
+        elif kind == "F":
+            r.fanout[n] = r.fanout.get(n, 0.0) + delta
+        elif kind == "V":
+            r.visits[n] = r.visits.get(n, 0.0) + delta
 
     def _apply_general(self, key: str, delta: float) -> None:
         """`apply` for any key: parsed each time; malformed keys are counted and otherwise ignored."""
