@@ -84,6 +84,7 @@ class Predictor:
         self._token = f"{os.getpid() % 10000:04d}{random.randrange(1 << 16):04x}-"  # untagged ids, unique per process
         self._finishing: dict[tuple[str, str], LiveWorkflow] = {}  # waiting for Redis to say who ends them
         self._preds_cache: dict[tuple[str, str], tuple[tuple[int, int], frozenset[str]]] = {}
+        self._rounded: dict[float, float] = {}  # round(x, 4) of confidences seen (see _round4)
         self.counters: dict[str, int] = {"predict": 0, "observe": 0, "errors": 0, "linked_prefix": 0,
                                          "linked_automaton": 0, "linked_content": 0, "linked_message": 0, "live_merged": 0, "new_untagged": 0, "finished": 0}
         self._last_error_log = 0.0
@@ -351,13 +352,22 @@ class Predictor:
         sv = self._state_view(model, role, step.k)
         out_mean = _cap(rv.out_mean, cap) if rv.calls > 0 else float(cap or 0)
         out_bound = int(_cap(rv.out_bound, cap)) if rv.calls > 0 else int(cap or 0)
+        # (max(a, b) and min(a, b) below are written out, b only when b > a or b < a: same values
+        # and types without the builtins' calls)
         # calls of this step still to come (fan-out siblings not launched yet)
-        siblings = max(0.0, rv.fanout_mean - step.width)
+        siblings = rv.fanout_mean - step.width
+        if not siblings > 0.0:
+            siblings = 0.0
         rem = siblings + sv.remaining_mean
         rem_bound = math.ceil(siblings) + sv.remaining_bound
         rem_out = siblings * out_mean + sv.remaining_out_mean
-        peak = max(wf.peak_context, f.prompt_tokens + max(out_bound, sv.growth_bound))
-        likely = max(wf.peak_context, f.prompt_tokens + int(max(out_mean, sv.growth_median)))
+        growth = sv.growth_bound if sv.growth_bound > out_bound else out_bound
+        peak = f.prompt_tokens + growth
+        if not peak > wf.peak_context:
+            peak = wf.peak_context
+        likely = f.prompt_tokens + int(sv.growth_median if sv.growth_median > out_mean else out_mean)
+        if not likely > wf.peak_context:
+            likely = wf.peak_context
         next_roles = tuple(NextRole(n.role, n.probability, self._role_view(model, n.role).fanout_mean)
                            for n in sv.next_roles)
         prefix: tuple[dict[str, str], ...] = ()
@@ -373,7 +383,9 @@ class Predictor:
                 body = tuple(m for m in wf.last_messages if m.get("role") not in ("system", "developer"))
                 prefix = prefix + body if text else tuple(wf.last_messages)
                 prefix_conf = top.probability * carry * (self._role_view(model, top.role).fp_share if text else 1.0)
-        support = min(1.0, sv.support / (4 * s.min_state_count))
+        support = sv.support / (4 * s.min_state_count)
+        if not support < 1.0:
+            support = 1.0
         return Prediction(
             cold=False,
             output_tokens_expected=out_mean,
@@ -385,8 +397,8 @@ class Predictor:
             peak_context_tokens=int(peak),
             peak_context_likely_tokens=likely,
             next_prefix_messages=prefix,
-            next_prefix_confidence=round(prefix_conf, 4),
-            confidence=round(support * (next_roles[0].probability if next_roles else 1.0), 4),
+            next_prefix_confidence=_round4(self._rounded, prefix_conf),
+            confidence=_round4(self._rounded, support * (next_roles[0].probability if next_roles else 1.0)),
         )
 
     def _cold(self, model: AppModel) -> bool:
@@ -811,6 +823,21 @@ def _reactive(f: RequestFeatures) -> Prediction:
 
 def _cap(x: float, cap: int | None) -> float:
     return cap if cap and cap < x else x  # min(x, cap) without the builtin's call (same value, same type)
+
+
+def _round4(memo: dict[float, float], x: float) -> float:
+    """round(x, 4), remembered in `memo`: the same confidences come back call after call (they come
+    from cached views), and round() to digits costs about ten dict lookups. Only floats other than
+    zeros and NaN are remembered (1 == 1.0 and -0.0 == 0.0 as keys, and NaN matches nothing)."""
+    if type(x) is not float or x == 0.0 or x != x:
+        return round(x, 4)
+    r = memo.get(x)
+    if r is None:
+        r = round(x, 4)
+        if len(memo) >= 4096:  # confidences are few per state; a bound all the same
+            memo.clear()
+        memo[x] = r
+    return r
 
 
 def _system_blocks(f: RequestFeatures) -> int:

@@ -20,7 +20,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pools.build_info import loaded_build
-from predictor.api import Predictor, _common_prefix
+from predictor.api import Predictor, _common_prefix, _round4
 from predictor.fingerprint import message_fingerprints, output_fingerprint
 from predictor.live import LiveTable, LiveWorkflow
 from predictor.model import AppModel
@@ -263,6 +263,16 @@ def test_learn_remaining_equals_the_keys_it_stands_for(steps: list[tuple[str, in
     b.pop("keys")
     assert a == b
     assert list(fast.counts) == list(general.counts) and list(fast.states) == list(general.states)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.one_of(st.floats(), st.integers(-5, 5), st.sampled_from([0.0, -0.0, 1.0, 0.12345, 0.99995])),
+                max_size=30))
+def test_round4_equals_round(xs: list[float]) -> None:
+    memo: dict[float, float] = {}
+    for x in xs + xs:  # every value twice: the second answer comes from the memo
+        got, want = _round4(memo, x), round(x, 4)
+        assert repr(got) == repr(want) and type(got) is type(want)
 
 
 def _reference_common_prefix(a: tuple[int, ...], b: tuple[int, ...]) -> int:
