@@ -48,6 +48,8 @@ _SKIP_RESPONSE_HEADERS = frozenset(("content-length", "transfer-encoding", "conn
 _NO_HEADERS: Mapping[str, str] = {}
 
 Handler = Callable[[Any], Awaitable[web.StreamResponse]]
+# (request, finish) -> the answer now, a coroutine to run in a task, or an exchange in flight (gateway.exchange)
+Starter = Callable[[Any, Callable[[Any, Any], None]], Any]
 
 
 class _Date:
@@ -284,6 +286,8 @@ class FastServer:
         self.fallback = fallback  # aiohttp's web.Server: makes the protocol a handed-off connection continues with
         self.body_limit = body_limit
         self.handlers: dict[bytes, Handler] = {}
+        # task-free starts of the same handlers (`Gateway.begin_completion`), when nothing wraps them
+        self.starts: dict[bytes, Starter] = {}
         self.conns: set[FastProtocol] = set()
         self.closing = False
         self._idle_waiter: asyncio.Future[None] | None = None
@@ -294,6 +298,11 @@ class FastServer:
             handler = _route_handler(self.app, path.decode())
             if handler is None:
                 continue
+            owner = getattr(handler, "__self__", None)
+            fast_start = getattr(owner, "fast_start", None)
+            start = fast_start(handler) if fast_start is not None and not self.app.middlewares else None
+            if start is not None:
+                self.starts[path] = start
             for mw in reversed(tuple(self.app.middlewares)):
                 handler = functools.update_wrapper(functools.partial(mw, handler=handler), handler)
             self.handlers[path] = handler
@@ -341,9 +350,9 @@ class FastProtocol(asyncio.Protocol):
     """One client connection: frames requests, runs the hot handler, writes answers; hands others to aiohttp."""
 
     __slots__ = (
-        "_buf", "_chunked", "_discard", "_drain", "_hdrs", "_loop", "_method_ok", "_need", "_parser", "_parts",
-        "_pending", "_read_paused", "_url", "keep_alive", "lost", "peer", "server", "stream_finished", "task",
-        "transport", "write_paused",
+        "_buf", "_chunked", "_current", "_discard", "_drain", "_hdrs", "_loop", "_method_ok", "_need", "_parser",
+        "_parts", "_pending", "_read_paused", "_url", "keep_alive", "lost", "peer", "server", "stream_finished",
+        "task", "transport", "write_paused",
     )  # fmt: skip
 
     def __init__(self, server: FastServer) -> None:
@@ -361,7 +370,9 @@ class FastProtocol(asyncio.Protocol):
         self._parser: httptools.HttpRequestParser | None = None
         self._read_paused = False
         self._drain: asyncio.Future[None] | None = None
-        self.task: asyncio.Task[None] | None = None
+        # the request being handled: its task, or the exchange that follows it without one (gateway.exchange)
+        self.task: asyncio.Task[None] | Any | None = None
+        self._current: FastRequest | None = None
         self.keep_alive = True
         self.lost = False
         self.write_paused = False
@@ -589,13 +600,46 @@ class FastProtocol(asyncio.Protocol):
     def _dispatch(self, req: FastRequest) -> None:
         self.keep_alive = req.keep_alive and not self.server.closing
         self.stream_finished = False
-        handler = self.server.handlers[req.path.encode("latin-1")]
-        self.task = self._loop.create_task(self._handle(handler, req))
+        path = req.path.encode("latin-1")
+        start = self.server.starts.get(path)
+        if start is None:
+            self.task = self._loop.create_task(self._handle(self.server.handlers[path](req), req))
+            return
+        self._current = req
+        try:
+            out = start(req, self._finish)
+        except Exception:
+            log.exception("hot-path handler failed")
+            self._respond(self._internal_error(), req)
+            return
+        if isinstance(out, web.StreamResponse):
+            self._respond(out, req)
+        elif asyncio.iscoroutine(out):
+            self.task = self._loop.create_task(self._handle(out, req))
+        else:  # an exchange in flight: it calls _finish
+            self.task = out
 
-    async def _handle(self, handler: Handler, req: FastRequest) -> None:
+    def _finish(self, resp: web.StreamResponse | None, rest: Awaitable[web.StreamResponse] | None) -> None:
+        """An exchange ended: write its answer, or run the rest of the call in a task."""
+        req = self._current
+        assert req is not None
+        if rest is not None:
+            self.task = self._loop.create_task(self._handle(rest, req))
+            return
+        self.task = None
+        if resp is not None:
+            self._respond(resp, req)
+
+    def _internal_error(self) -> web.Response:
+        self.keep_alive = False
+        return web.Response(
+            status=500, body=error_body(500, "internal_error", "internal error"), content_type="application/json"
+        )
+
+    async def _handle(self, answer: Awaitable[web.StreamResponse], req: FastRequest) -> None:
         try:
             try:
-                resp = await handler(req)
+                resp = await answer
             except web.HTTPException as e:
                 resp = e
             except asyncio.CancelledError:
@@ -603,19 +647,20 @@ class FastProtocol(asyncio.Protocol):
                 return
             except Exception:
                 log.exception("hot-path handler failed")
-                resp = web.Response(
-                    status=500, body=error_body(500, "internal_error", "internal error"), content_type="application/json"
-                )
-                self.keep_alive = False
-            if type(resp) is FastRawResponse:
-                self._write_raw(resp)
-            elif isinstance(resp, FastStreamResponse):
-                if not self.stream_finished:
-                    self.keep_alive = False  # a stream that did not end cleanly: only closing tells the client
-            else:
-                self._write_response(resp)
+                resp = self._internal_error()
         finally:
             self.task = None
+        self._respond(resp, req)
+
+    def _respond(self, resp: web.StreamResponse, req: FastRequest) -> None:
+        """Write a handler's answer (a stream wrote itself), then read on or close."""
+        if type(resp) is FastRawResponse:
+            self._write_raw(resp)
+        elif isinstance(resp, FastStreamResponse):
+            if not self.stream_finished:
+                self.keep_alive = False  # a stream that did not end cleanly: only closing tells the client
+        else:
+            self._write_response(resp)
         if self.lost:
             return
         if not self.keep_alive or self.server.closing:

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import re
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from typing import Any
 
 import aiohttp
@@ -21,6 +22,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from gateway.errors import error_response, sse_error_event
+from gateway.exchange import UpstreamExchange
 from gateway.features import (
     KEEP_STREAM_BYTES,
     add_predictor_inputs,
@@ -29,7 +31,7 @@ from gateway.features import (
     wants_linking,
 )
 from gateway.health import ReplicaMonitor
-from gateway.metrics import GatewayMetrics
+from gateway.metrics import GatewayMetrics, LocalGauge
 from gateway.prediction import PredictorLike
 from gateway.settings import Settings
 from gateway.tags import HEADER_NAMES, TagError, read_tags
@@ -47,7 +49,7 @@ from pools.request_features import InvalidRequest, extract_features
 from pools.routing import Decision, Policy, PrewarmAction, RoutingContext, RoutingState, make_policy, route
 from pools.routing.router import NO_REPLICA_RETRY_AFTER_S
 from pools.types import ClusterView, PoolConfig, ReplicaState
-from predictor.types import Outcome, Prediction
+from predictor.types import Outcome, Prediction, RequestFeatures, Tags
 
 log = logging.getLogger("pythia.proxy")
 
@@ -105,6 +107,33 @@ class _SSEResponse(web.StreamResponse):
     """
 
     _send_headers_immediately = False
+
+
+class _Call:
+    """One completion call once read: its bytes, parsed body, tags and features."""
+
+    __slots__ = ("body", "changed", "features", "raw", "t0", "tags")
+
+    def __init__(
+        self, raw: bytes, body: dict[str, Any], changed: bool, tags: Tags, features: RequestFeatures, t0: float
+    ) -> None:
+        self.raw = raw
+        self.body = body
+        self.changed = changed  # tags were removed from the body: forward it re-serialized
+        self.tags = tags
+        self.features = features
+        self.t0 = t0
+
+
+class Held:
+    """What `Gateway.hold` counted on a replica for one call, for `Gateway.release` to undo."""
+
+    __slots__ = ("expected", "gauge", "reserve")
+
+    def __init__(self, reserve: int, expected: int, gauge: LocalGauge) -> None:
+        self.reserve = reserve
+        self.expected = expected
+        self.gauge = gauge
 
 
 class _Attempt:
@@ -293,6 +322,63 @@ class Gateway:
         raw = await self._read_body(request)
         if not isinstance(raw, bytes):  # a refusal (checked against bytes: web.Response is an ABC, a slow check)
             return raw
+        call = self._parse(request, raw, chat, t0)
+        if not isinstance(call, _Call):
+            return call
+        if self.rate_limit is not None:
+            f = call.features
+            refused = await self.rate_limit(request, f.prompt_tokens + (f.max_tokens or 0))
+            if refused is not None:
+                self.metrics.request_done("", "", refused.status)
+                return refused
+        ctx, decision = self._decide(call)
+        return await self._admit_and_proxy(request, call, ctx, decision)
+
+    def begin_completion(
+        self, request: Any, finish: Callable[[web.StreamResponse | None, Any], None], chat: bool
+    ) -> web.StreamResponse | Coroutine[Any, Any, web.StreamResponse] | UpstreamExchange:
+        """`completion` for the fast server path, run without a task as far as it can go.
+
+        Returns the answer when there is one already (a refusal), the coroutine that finishes the call
+        when it must wait (admission queue, a new upstream connection), or the exchange in flight, which
+        calls `finish(answer, None)` when the upstream has answered, or `finish(None, coroutine)` to
+        have the rest run in a task (a stream, a failure to retry, a 5xx). Only called when no
+        middleware, rate limit, tracer or payload log is installed (`fast_start`).
+        """
+        t0 = time.monotonic()
+        if request._too_large:
+            limit = self.settings.body_limit_bytes
+            return self._reject(413, "request_too_large", f"request body is larger than {limit} bytes")
+        call = self._parse(request, request._body, chat, t0)
+        if not isinstance(call, _Call):
+            return call
+        ctx, decision = self._decide(call)
+        if decision.queue:
+            return self._admit_and_proxy(request, call, ctx, decision)
+        payload = self._commit(call, decision)
+        if not isinstance(payload, bytes):
+            return payload
+        replica = self.replicas[decision.replica]
+        pool = self._pool_for(replica)
+        conn = pool.take_idle()
+        if conn is None:
+            return self._proxy(request, ctx, decision, payload)
+        return UpstreamExchange.start(self, request, ctx, decision, payload, replica, pool, conn, finish)
+
+    def fast_start(self, handler: Any) -> Callable[[Any, Any], Any] | None:
+        """`begin_completion` for the fast server path's `handler`, when it may replace it.
+
+        Not when something is installed that only the coroutine runs (rate limits, tracing, payload logs)."""
+        if self.rate_limit is not None or self.tracer is not None or self.log_payload is not None:
+            return None
+        if handler == self.chat_completions:
+            return functools.partial(self.begin_completion, chat=True)
+        if handler == self.completions:
+            return functools.partial(self.begin_completion, chat=False)
+        return None
+
+    def _parse(self, request: Any, raw: bytes, chat: bool, t0: float) -> _Call | web.Response:
+        """The body, tags and features of one call, or the 400 that refuses it."""
         try:
             body = orjson.loads(raw)
         except orjson.JSONDecodeError as e:
@@ -308,18 +394,21 @@ class Gateway:
                 add_predictor_inputs(features, body, wants_linking(tags))
         except (TagError, InvalidRequest) as e:
             return self._reject(400, "invalid_tag" if isinstance(e, TagError) else "invalid_request", str(e), e.param)
-        if self.rate_limit is not None:
-            refused = await self.rate_limit(request, features.prompt_tokens + (features.max_tokens or 0))
-            if refused is not None:
-                self.metrics.request_done("", "", refused.status)
-                return refused
+        return _Call(raw, body, changed, tags, features, t0)
+
+    def _decide(self, call: _Call) -> tuple[RoutingContext, Decision]:
+        """Predict, then route."""
         try:
-            prediction = self.predictor.predict(tags, features, t0)
+            prediction = self.predictor.predict(call.tags, call.features, call.t0)
         except Exception:  # the predictor degrades prediction, never a request
             log.exception("predict failed")
             prediction = Prediction()
-        ctx = RoutingContext(features, tags, prediction, t0, self.routing_state)
-        decision = route(ctx, self.view, self.policy)
+        ctx = RoutingContext(call.features, call.tags, prediction, call.t0, self.routing_state)
+        return ctx, route(ctx, self.view, self.policy)
+
+    async def _admit_and_proxy(
+        self, request: web.Request, call: _Call, ctx: RoutingContext, decision: Decision
+    ) -> web.StreamResponse:
         if decision.queue:
             if self.admission is None:
                 return self._reject(
@@ -327,11 +416,19 @@ class Gateway:
                     retry_after_s=NO_REPLICA_RETRY_AFTER_S, pool=decision.pool,
                 )  # fmt: skip
             decision = await self.admission(ctx, decision)
+        payload = self._commit(call, decision)
+        if not isinstance(payload, bytes):
+            return payload
+        return await self._proxy(request, ctx, decision, payload)
+
+    def _commit(self, call: _Call, decision: Decision) -> bytes | web.Response:
+        """The bytes to forward once a replica is chosen (pre-warm sent), or the refusal the decision is."""
         if decision.error is not None:
             err = decision.error
             return self._reject(err.status, err.code, err.message, retry_after_s=err.retry_after_s, pool=decision.pool)
         if decision.prewarm and self.prewarm is not None:
             self.prewarm(decision.prewarm)
+        raw, body, changed = call.raw, call.body, call.changed
         payload = raw
         if decision.priority is not None and self._forward_priority and body.get("priority") != decision.priority:
             if changed or "priority" in body:
@@ -341,7 +438,7 @@ class Gateway:
                 payload = with_field(raw, bool(body), b"priority", decision.priority)
         if changed:
             payload = orjson.dumps(body)
-        return await self._proxy(request, ctx, decision, payload)
+        return payload
 
     async def _read_body(self, request: web.Request) -> bytes | web.Response:
         limit = self.settings.body_limit_bytes
@@ -403,24 +500,33 @@ class Gateway:
         head = request_head(b"POST", path, pool.host_header, len(payload), header_lines)
         try:
             resp = await pool.request(head, payload, self.settings.read_timeout_s)
-        except ReadTimeout:
+        except UpstreamError as e:
+            return self.failed_attempt(replica, e)
+        self.answer_status(replica, resp.status)
+        return resp
+
+    def failed_attempt(self, replica: ReplicaState, e: UpstreamError) -> _Attempt:
+        """Record an upstream failure before the answer's headers; what to tell the client and whether to retry."""
+        if isinstance(e, ReadTimeout):
             self._upstream_error(replica.url, "read_timeout")
             return _Attempt("read_timeout", 504, "upstream_timeout", "upstream did not answer in time", False)
-        except ConnectTimeout as e:
+        if isinstance(e, ConnectTimeout):
             self.monitor.record_failure(replica, False, "connect timeout")
             self._upstream_error(replica.url, e.kind)
             return _Attempt(e.kind, 504, "upstream_timeout", "upstream connect timed out", True)
-        except UpstreamError as e:  # refused, unreachable, or closed before answering
-            self.monitor.record_failure(replica, e.conclusive, e.kind)
-            self._upstream_error(replica.url, e.kind)
-            code = "upstream_unavailable" if isinstance(e, ConnectFailed) else "upstream_error"
-            return _Attempt(e.kind, 502, code, f"upstream failed: {e}", True)
-        if resp.status >= 500:
-            self.monitor.record_failure(replica, False, f"status {resp.status}")
-            self._upstream_error(replica.url, f"status_{resp.status}")
+        # refused, unreachable, or closed before answering
+        self.monitor.record_failure(replica, e.conclusive, e.kind)
+        self._upstream_error(replica.url, e.kind)
+        code = "upstream_unavailable" if isinstance(e, ConnectFailed) else "upstream_error"
+        return _Attempt(e.kind, 502, code, f"upstream failed: {e}", True)
+
+    def answer_status(self, replica: ReplicaState, status: int) -> None:
+        """A replica answered with `status`: a 5xx counts against its health, anything else resets it."""
+        if status >= 500:
+            self.monitor.record_failure(replica, False, f"status {status}")
+            self._upstream_error(replica.url, f"status_{status}")
         else:
             replica.consecutive_failures = 0
-        return resp
 
     async def _open_passthrough(
         self, replica: ReplicaState, method: str, url: str, payload: bytes | None, headers: CIMultiDict[str]
@@ -447,10 +553,42 @@ class Gateway:
             return _Attempt("disconnect", 502, "upstream_error", f"upstream failed: {e.__class__.__name__}", True)
         return resp
 
+    def hold(self, replica: ReplicaState, features: RequestFeatures, pred: Prediction, decision: Decision) -> Held:
+        """Count a call in flight on `replica` (the KV the router sized it at, as the simulator books it)."""
+        reserve = decision.kv_reserve_tokens or features.prompt_tokens + (pred.output_tokens_bound or features.max_tokens or 0)
+        expected = decision.kv_expected_tokens
+        replica.inflight += 1
+        replica.inflight_prompt_tokens += features.prompt_tokens
+        replica.reserved_kv_tokens += reserve
+        replica.reserved_kv_expected_tokens += expected
+        gauge = self.metrics.inflight_gauge(replica.pool, replica.url)
+        gauge.inc()
+        return Held(reserve, expected, gauge)
+
+    def release(self, replica: ReplicaState, features: RequestFeatures, hold: Held) -> None:
+        """The call left `replica`: undo `hold` and tell the listeners (queued calls may go now)."""
+        replica.inflight -= 1
+        replica.inflight_prompt_tokens -= features.prompt_tokens
+        replica.reserved_kv_tokens -= hold.reserve
+        replica.reserved_kv_expected_tokens -= hold.expected
+        hold.gauge.dec()
+        for listener in self.release_listeners:
+            listener(replica)
+
     async def _proxy(
-        self, request: web.Request, ctx: RoutingContext, decision: Decision, payload: bytes
+        self,
+        request: web.Request,
+        ctx: RoutingContext,
+        decision: Decision,
+        payload: bytes,
+        first: UpstreamResponse | _Attempt | None = None,
+        held: Held | None = None,
     ) -> web.StreamResponse:
-        """Forward to the chosen replica (retrying elsewhere before the first byte) and relay the answer."""
+        """Forward to the chosen replica (retrying elsewhere before the first byte) and relay the answer.
+
+        `first` and `held`: an exchange started without a task (`UpstreamExchange`) hands over its first
+        attempt's outcome (None: send again) with the replica's in-flight counts it took, still held.
+        """
         features = ctx.features
         pred = ctx.prediction
         header_lines = self._forward_header_lines(request)
@@ -462,17 +600,13 @@ class Gateway:
         try:
             while True:
                 replica = self.replicas[decision.replica]
-                # the KV the router sized this call at (as the simulator books it), bound and expected
-                reserve = decision.kv_reserve_tokens or features.prompt_tokens + (pred.output_tokens_bound or features.max_tokens or 0)
-                expected = decision.kv_expected_tokens
-                replica.inflight += 1
-                replica.inflight_prompt_tokens += features.prompt_tokens
-                replica.reserved_kv_tokens += reserve
-                replica.reserved_kv_expected_tokens += expected
-                gauge = self.metrics.inflight_gauge(replica.pool, replica.url)
-                gauge.inc()
+                hold = held if held is not None else self.hold(replica, features, pred, decision)
+                held = None
                 try:
-                    result = await self._open(replica, path, header_lines, payload)
+                    if first is not None:
+                        result, first = first, None
+                    else:
+                        result = await self._open(replica, path, header_lines, payload)
                     if isinstance(result, UpstreamResponse) and (result.status < 500 or attempt >= self._retries):
                         return_value, status, ttft = await self._relay(request, result, ctx, decision, replica)
                         break
@@ -482,13 +616,7 @@ class Gateway:
                     else:
                         failure = result
                 finally:
-                    replica.inflight -= 1
-                    replica.inflight_prompt_tokens -= features.prompt_tokens
-                    replica.reserved_kv_tokens -= reserve
-                    replica.reserved_kv_expected_tokens -= expected
-                    gauge.dec()
-                    for listener in self.release_listeners:
-                        listener(replica)
+                    self.release(replica, features, hold)
                 if not failure.retryable or attempt >= self._retries:
                     status = failure.status
                     self.metrics.request_done(decision.pool, replica.url, status)

@@ -16,7 +16,7 @@ import contextlib
 import socket
 import ssl
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import cast
 from urllib.parse import urlsplit
 
@@ -56,7 +56,7 @@ class UpstreamResponse:
 
     __slots__ = (
         "_buffered", "_chunks", "_collect", "_conn", "_error", "_paused", "_read_timeout", "_waiter", "complete",
-        "got_bytes", "headers_done", "raw_headers", "status",
+        "got_bytes", "headers_done", "on_event", "raw_headers", "status",
     )  # fmt: skip
 
     def __init__(self, conn: _Conn, read_timeout: float) -> None:
@@ -73,6 +73,9 @@ class UpstreamResponse:
         self._collect = False  # read_all: take everything, never pause the socket
         self._error: UpstreamError | None = None
         self._waiter: asyncio.Future[None] | None = None
+        # instead of a waiting coroutine, a callback may follow the answer (gateway.exchange): it runs on each
+        # event (headers, body bytes, the end, a failure) and the read timeout watches it until it is unset
+        self.on_event: Callable[[], None] | None = None
 
     def header(self, name: bytes) -> bytes | None:
         """The first header with this lower-case name, or None."""
@@ -101,6 +104,18 @@ class UpstreamResponse:
         self._chunks.clear()
         self._buffered = 0
         return data
+
+    def take_all(self) -> bytes:
+        """The whole body of an answer that is `complete` (no waiting)."""
+        data = b"".join(self._chunks)
+        self._chunks.clear()
+        self._buffered = 0
+        return data
+
+    def collect(self) -> None:
+        """Keep reading until the end without pausing the socket (a whole answer is wanted)."""
+        self._collect = True
+        self._resume()
 
     async def next_chunk(self) -> bytes | None:
         """The body bytes received since the last call (waiting for some), or None at the end."""
@@ -154,14 +169,21 @@ class UpstreamResponse:
             self._waiter = None
         # callers loop on their condition; an error set meanwhile is raised by the next call
 
-    def _on_timeout(self, fut: asyncio.Future[None]) -> None:
-        if not fut.done():
+    def _on_timeout(self, fut: asyncio.Future[None] | None) -> None:
+        if fut is None or not fut.done():
             self._error = ReadTimeout("upstream sent nothing within the read timeout")
-            fut.set_result(None)
+            if fut is not None:
+                fut.set_result(None)
             if self._conn is not None:
                 self._conn.abort()
+            if fut is None:
+                self._wake()
 
     def _wake(self) -> None:
+        cb = self.on_event
+        if cb is not None:
+            cb()
+            return
         w = self._waiter
         if w is not None and not w.done():
             w.set_result(None)
@@ -225,8 +247,10 @@ class _Conn(asyncio.Protocol):
         if resp is None or self.closed or self.loop is None:
             return
         w = resp._waiter
-        if w is None or w.done():
+        if (w is None or w.done()) and (resp.on_event is None or resp.complete or resp._error is not None):
             return  # nothing waits now: the next wait re-arms
+        if w is not None and w.done():
+            w = None
         if self.loop.time() < self.wait_due:  # a later wait began since: its own deadline
             self.timer_at = self.wait_due
             self.timer = self.loop.call_at(self.wait_due, self._check_timeout)
@@ -360,7 +384,7 @@ class ReplicaPool:
         A kept-alive connection that turns out closed before any answer byte is replaced once by a fresh one.
         """
         data: bytes | list[bytes] = head + body if len(body) < 65536 else [head, body]
-        conn = self._take_idle()
+        conn = self.take_idle()
         if conn is not None:
             resp = conn.send(data, read_timeout_s)
             try:
@@ -404,7 +428,7 @@ class ReplicaPool:
         """An idle connection, else a new one; at `max_connections` open, wait (up to wait_s) for one."""
         deadline = time.monotonic() + wait_s
         while True:
-            conn = self._take_idle()
+            conn = self.take_idle()
             if conn is not None:
                 return conn
             if not self.max_connections or self._open < self.max_connections:
@@ -434,7 +458,8 @@ class ReplicaPool:
             c.abort()
         self._idle.clear()
 
-    def _take_idle(self) -> _Conn | None:
+    def take_idle(self) -> _Conn | None:
+        """A kept-alive connection that is still open and fresh, or None."""
         idle = self._idle
         while idle:
             conn = idle.pop()
