@@ -6,6 +6,12 @@ So everything `pythia serve` runs in Python per call is measured (framing, tags,
 prediction, routing, upstream client, relay, observe, metrics), and none of the kernel's socket
 work, which a shared 2-core machine makes noisy. `--stages` also times each step of the request
 on its own. Usage: `python -m gateway.bench.hotpath_cpu [--policy pythia] [--requests 20000]`.
+
+`--handler task` runs every call in a task, as the gateway does when a middleware or rate limit is
+installed (no `gateway.exchange`); `--handler minimal` swaps the gateway's handler for one that only
+forwards, in a task (read the body, POST it to one replica over the same upstream pool, return the
+answer): what the proxy's skeleton costs (framing, the request's task, the upstream client, the
+write) without tags, features, prediction, routing, learning or metrics.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ from gateway.bench.wrk_body import chat_body
 from gateway.fastpath import FastProtocol, FastServer
 from gateway.metrics import GatewayMetrics
 from gateway.settings import Settings
-from gateway.upstream import ReplicaPool, _Conn
+from gateway.upstream import ReplicaPool, _Conn, request_head
 from pools.types import PoolConfig
 
 REPLICAS = ("http://127.0.0.1:9", "http://127.0.0.1:10")
@@ -72,7 +78,28 @@ def _request(body: bytes) -> bytes:
     )
 
 
-async def run(policy: str, n: int, stream: bool, batches: int = 1, prewarm: bool = False) -> list[float]:
+_JSON = b"Content-Type: application/json\r\n"
+
+
+def _minimal_handler(gw: Any) -> Callable[[Any], Any]:
+    """Forward the body to the first replica and return its answer: the proxy's skeleton, no gateway logic."""
+    replica = next(iter(gw.replicas.values()))
+
+    async def handle(req: Any) -> Any:
+        raw = await req.read()
+        pool = gw._pool_for(replica)
+        head = request_head(b"POST", req.raw_path.encode(), pool.host_header, len(raw), _JSON)
+        resp = await pool.request(head, raw, 60.0)
+        data = await resp.read_all()
+        resp.close()
+        return req.raw_response(resp.status, _JSON, data)
+
+    return handle
+
+
+async def run(
+    policy: str, n: int, stream: bool, batches: int = 1, prewarm: bool = False, handler: str = "gateway"
+) -> list[float]:
     """Drive `batches` x `n` keep-alive requests through one connection (one gateway); CPU µs per request of each batch."""
     loop = asyncio.get_running_loop()
     answer = _STREAM_RESPONSE if stream else _JSON_RESPONSE
@@ -89,6 +116,11 @@ async def run(policy: str, n: int, stream: bool, batches: int = 1, prewarm: bool
     ReplicaPool._connect = connect  # type: ignore[method-assign]
     server = FastServer(app, lambda: None, 1 << 20)  # type: ignore[arg-type,return-value]
     server.resolve_handlers()
+    if handler != "gateway":
+        server.starts.clear()  # every request through its task, as with middlewares or a rate limit
+    if handler == "minimal":
+        for path in server.handlers:
+            server.handlers[path] = _minimal_handler(gw)
     req = _request(chat_body(stream))
     done = loop.create_future()
     left = [n]
@@ -129,11 +161,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--stream", action="store_true")
     p.add_argument("--repeat", type=int, default=3, help="fresh gateways, one after the other")
     p.add_argument("--batches", type=int, default=1, help="consecutive batches of --requests in each gateway")
+    p.add_argument("--handler", choices=("gateway", "task", "minimal"), default="gateway",
+                   help="task: the gateway with every call in a task (no exchange); minimal: forward only, in a task")
     a = p.parse_args(argv)
-    out = [x for _ in range(a.repeat) for x in uvloop.run(run(a.policy, a.requests, a.stream, a.batches))]
+    if a.handler == "minimal" and a.stream:
+        p.error("--handler minimal forwards non-streamed answers only")
+    out = [x for _ in range(a.repeat) for x in uvloop.run(run(a.policy, a.requests, a.stream, a.batches, handler=a.handler))]
     from pools.build_info import loaded_build
 
-    print(orjson.dumps({"policy": a.policy, "stream": a.stream, "build": loaded_build(),
+    print(orjson.dumps({"policy": a.policy, "stream": a.stream, "handler": a.handler, "build": loaded_build(),
                         "cpu_us_per_req": [round(x, 1) for x in out]}).decode())
     return 0
 
