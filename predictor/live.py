@@ -213,7 +213,7 @@ class LiveTable:
         idx = self.hash_index.get(app)
         if not idx:
             return "", 0
-        skip = max(min_blocks - 1, 0)
+        skip = min_blocks - 1 if min_blocks > 1 else 0  # max(min_blocks - 1, 0)
         for i in reversed(_positions(len(hashes), skip)):
             wid = idx.get(hashes[i])
             if wid is not None:
