@@ -17,11 +17,14 @@ import time
 from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
-from gateway.upstream import Disconnected, ReplicaPool, UpstreamResponse, _Conn, request_head
+from gateway.errors import error_response, sse_error_event
+from gateway.features import KEEP_STREAM_BYTES, find_usage, stream_fingerprint, wants_linking
+from gateway.upstream import Disconnected, ReadTimeout, ReplicaPool, UpstreamResponse, _Conn, request_head
 
 if TYPE_CHECKING:
     from aiohttp import web
 
+    from gateway.fastpath import FastStreamResponse
     from gateway.proxy import Gateway, Held
     from pools.routing import Decision, RoutingContext
     from pools.types import ReplicaState
@@ -33,8 +36,8 @@ class UpstreamExchange:
     """One call sent to a replica, followed by callbacks until answered, handed over, or cancelled."""
 
     __slots__ = (
-        "checked", "ctx", "decision", "finish", "finished", "gw", "hold", "payload", "replica", "request", "resp",
-        "timeout",
+        "checked", "ctx", "decision", "events", "finish", "finished", "gw", "head", "head_len", "hold", "last", "out",
+        "payload", "prev", "replica", "request", "resp", "timeout", "ttft",
     )  # fmt: skip
 
     def __init__(
@@ -59,6 +62,14 @@ class UpstreamExchange:
         self.timeout = gw.settings.read_timeout_s
         self.hold: Held = gw.hold(replica, ctx.features, ctx.prediction, decision)
         self.resp: UpstreamResponse | None = None
+        # a stream being relayed (as Gateway._relay does it in a task): the client's response, SSE events seen,
+        # the last two pieces (for `usage`), the first bytes kept for the output fingerprint, time to first byte
+        self.out: FastStreamResponse | None = None
+        self.events = 0
+        self.prev = self.last = b""
+        self.head: list[bytes] | None = None
+        self.head_len = 0
+        self.ttft = -1.0
 
     @classmethod
     def start(
@@ -97,6 +108,8 @@ class UpstreamExchange:
             resp.on_event = None
             resp.close()
         gw, replica = self.gw, self.replica
+        if self.out is not None:  # what the stream's first part taught, as the task path observes it
+            gw._observe(self.ctx, self.decision, replica, False, None, max(0, self.events - 2), self.ttft)
         gw.release(replica, self.ctx.features, self.hold)
         gw.metrics.request_done(self.decision.pool, replica.url, 499)
 
@@ -104,6 +117,9 @@ class UpstreamExchange:
         """The upstream answer moved on (headers, body bytes, its end, or a failure)."""
         resp = self.resp
         if self.finished or resp is None:
+            return
+        if self.out is not None:
+            self._relay(resp)
             return
         err = resp._error
         if err is not None:
@@ -118,10 +134,12 @@ class UpstreamExchange:
         if not self.checked:
             self.checked = True
             self.gw.answer_status(self.replica, resp.status)
-            ctype = resp.header(b"content-type") or b""
-            if resp.status >= 500 or ctype.startswith(b"text/event-stream"):
+            if resp.status >= 500:
                 resp.on_event = None
-                self._hand_over(resp)  # a stream to relay or a failure to retry: the task path's work
+                self._hand_over(resp)  # a failure to retry elsewhere: the task path's work
+                return
+            if (resp.header(b"content-type") or b"").startswith(b"text/event-stream"):
+                self._open_stream(resp)
                 return
             resp.collect()
         if not resp.complete:
@@ -146,6 +164,96 @@ class UpstreamExchange:
         gw.release(replica, features, self.hold)
         gw.metrics.request_finished(decision.pool, replica.url, status, ttft, time.monotonic() - features.arrival_s)
         self.finish(answer, None)
+
+    def _open_stream(self, resp: UpstreamResponse) -> None:
+        gw = self.gw
+        self.out = self.request.raw_stream_response(resp.status, gw._response_header_lines(resp, self.decision, self.replica))
+        self.out.open()
+        # the stream's first bytes, kept (by reference) for the output fingerprint of untagged calls
+        self.head = [] if wants_linking(self.ctx.tags) else None
+        self._relay(resp)
+
+    def _relay(self, resp: UpstreamResponse) -> None:
+        """Pass on the stream's bytes of this read (one write), its end, or how it broke."""
+        out = self.out
+        assert out is not None
+        err = resp._error
+        if not resp._chunks and not resp.complete and err is None:
+            self._watch(resp)
+            return
+        if self.ttft < 0:
+            if err is not None and not resp._chunks:  # nothing reached the client yet: a plain error answer
+                self._fail_first(resp, err)
+                return
+            self.ttft = time.monotonic() - self.ctx.features.arrival_s
+        chunk = resp.take_all()
+        if chunk:
+            self.events += chunk.count(b"data:")
+            self.prev, self.last = self.last, chunk
+            head = self.head
+            if head is not None and self.head_len < KEEP_STREAM_BYTES:
+                head.append(chunk)
+                self.head_len += len(chunk)
+        try:
+            if resp.complete:
+                out.send_eof(chunk)
+                self._end_stream(resp, True, resp.status)
+                return
+            if err is not None:
+                # upstream broke mid-stream: end the SSE stream cleanly with an error event
+                self.gw._upstream_error(self.replica.url, err.kind)
+                tail = chunk or self.last or self.prev
+                sep = b"" if not tail or tail.endswith(b"\n\n") else (b"\n" if tail.endswith(b"\n") else b"\n\n")
+                out.send(chunk + sep + sse_error_event("upstream_" + err.kind, "the upstream stream ended early"))
+                out.send_eof()
+                self._end_stream(resp, False, 502)
+                return
+            if chunk:
+                out.send(chunk)
+        except ConnectionError:
+            self.cancel()  # the client went away mid-stream: the upstream answer is aborted
+            return
+        if out.client_paused:  # a slow client: stop reading the upstream until it drains
+            resp.pause()
+            out.on_writable(self._client_drained)
+        self._watch(resp)
+
+    def _client_drained(self) -> None:
+        resp = self.resp
+        if not self.finished and resp is not None:
+            resp.resume()
+
+    def _watch(self, resp: UpstreamResponse) -> None:
+        conn = resp._conn
+        if conn is not None:
+            conn.watch(self.timeout)  # the read timeout is the longest silence, as for a waiting task
+
+    def _fail_first(self, resp: UpstreamResponse, err: Exception) -> None:
+        """The stream failed before its first byte: answer as the task path does (502, or 504 on a timeout)."""
+        self.finished = True
+        resp.on_event = None
+        resp.close()
+        kind = getattr(err, "kind", "error")
+        self.gw._upstream_error(self.replica.url, kind)
+        code, st = ("upstream_timeout", 504) if isinstance(err, ReadTimeout) else ("upstream_error", 502)
+        self.gw.release(self.replica, self.ctx.features, self.hold)
+        self.gw.metrics.request_finished(self.decision.pool, self.replica.url, st, -1.0,
+                                         time.monotonic() - self.ctx.features.arrival_s)  # fmt: skip
+        self.finish(error_response(st, code, f"upstream failed: {err}"), None)
+
+    def _end_stream(self, resp: UpstreamResponse, ok: bool, status: int) -> None:
+        self.finished = True
+        resp.on_event = None
+        resp.close()
+        gw, ctx, decision, replica = self.gw, self.ctx, self.decision, self.replica
+        features = ctx.features
+        head = self.head
+        out_fp = stream_fingerprint(b"".join(head), bool(features.messages)) if head and ok else ""
+        gw._observe(ctx, decision, replica, ok, find_usage(self.prev + self.last), max(0, self.events - 2), self.ttft, out_fp)
+        gw.release(replica, features, self.hold)
+        gw.metrics.request_finished(decision.pool, replica.url, status, self.ttft, time.monotonic() - features.arrival_s)
+        assert self.out is not None
+        self.finish(self.out, None)
 
     def _hand_over(self, first: Any) -> None:
         """Let `Gateway._proxy` finish the call in a task, from this attempt's outcome (None: send again)."""

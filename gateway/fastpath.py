@@ -226,6 +226,10 @@ class FastStreamResponse(web.StreamResponse):
 
     async def prepare(self, request: Any) -> None:
         """Headers are held and sent with the first body bytes (one send, not two)."""
+        self.open()
+
+    def open(self) -> None:
+        """`prepare` without awaiting (gateway.exchange relays from callbacks)."""
         if self._head is None:
             proto = self._proto_
             if not self._chunked_:
@@ -238,7 +242,6 @@ class FastStreamResponse(web.StreamResponse):
                 + (b"" if proto.keep_alive and not proto.server.closing else b"Connection: close\r\n")
                 + b"\r\n"
             )
-        return None
 
     @property
     def prepared(self) -> bool:
@@ -262,20 +265,37 @@ class FastStreamResponse(web.StreamResponse):
             t.write(data)
 
     async def write(self, data: bytes | bytearray | memoryview) -> None:
-        if self._head is None:
-            await self.prepare(None)
-        self._send(self._frame(bytes(data)))
+        self.send(bytes(data))
         if self._proto_.write_paused:
             await self._proto_.drain()
 
     async def write_eof(self, data: bytes = b"") -> None:
+        self.send_eof(data)
+
+    def send(self, data: bytes) -> None:
+        """Write body bytes now (no waiting for the client to drain); ConnectionResetError once it is gone."""
+        if self._head is None:
+            self.open()
+        self._send(self._frame(data))
+
+    def send_eof(self, data: bytes = b"") -> None:
+        """Write the last body bytes and the stream's end."""
         if self._done:
             return
         if self._head is None:
-            await self.prepare(None)
+            self.open()
         self._done = True
         self._send(self._frame(data) + (b"0\r\n\r\n" if self._chunked_ else b""))
         self._proto_.stream_finished = True
+
+    @property
+    def client_paused(self) -> bool:
+        """The client reads slower than we write: stop reading the upstream until `on_writable` runs."""
+        return self._proto_.write_paused
+
+    def on_writable(self, callback: Callable[[], None] | None) -> None:
+        """Run `callback` once the client has drained (None: forget it)."""
+        self._proto_.on_writable = callback
 
 
 class FastServer:
@@ -351,8 +371,8 @@ class FastProtocol(asyncio.Protocol):
 
     __slots__ = (
         "_buf", "_chunked", "_current", "_discard", "_drain", "_hdrs", "_loop", "_method_ok", "_need", "_parser",
-        "_parts", "_pending", "_read_paused", "_url", "keep_alive", "lost", "peer", "server", "stream_finished",
-        "task", "transport", "write_paused",
+        "_parts", "_pending", "_read_paused", "_url", "keep_alive", "lost", "on_writable", "peer", "server",
+        "stream_finished", "task", "transport", "write_paused",
     )  # fmt: skip
 
     def __init__(self, server: FastServer) -> None:
@@ -376,6 +396,7 @@ class FastProtocol(asyncio.Protocol):
         self.keep_alive = True
         self.lost = False
         self.write_paused = False
+        self.on_writable: Callable[[], None] | None = None  # a callback relay waiting for the client to drain
         self.stream_finished = False
         self._discard = False  # after refusing an oversized body: drop the rest of it
 
@@ -410,6 +431,10 @@ class FastProtocol(asyncio.Protocol):
         d = self._drain
         if d is not None and not d.done():
             d.set_result(None)
+        cb = self.on_writable
+        if cb is not None:
+            self.on_writable = None
+            cb()
 
     async def drain(self) -> None:
         if self.lost:

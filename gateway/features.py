@@ -8,6 +8,7 @@ it never delays a byte to the client.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import orjson
@@ -17,6 +18,7 @@ from predictor.fingerprint import FINGERPRINT_CHARS, message_fingerprints, outpu
 from predictor.types import RequestFeatures, Tags
 
 KEEP_STREAM_BYTES = 16384  # enough SSE events to hold FINGERPRINT_CHARS characters of output
+_USAGE_RE = re.compile(rb'"usage"\s*:\s*(\{(?:[^{}]|\{[^{}]*\})*\})')
 
 
 def wants_linking(tags: Tags) -> bool:
@@ -85,3 +87,18 @@ def stream_fingerprint(head: bytes, chat: bool) -> str:
         if n >= FINGERPRINT_CHARS:
             break
     return output_fingerprint("".join(parts))
+
+
+def find_usage(data: bytes) -> dict[str, Any] | None:
+    """The last non-null `usage` object in a JSON body or SSE tail, parsed; None when absent."""
+    i = data.rfind(b'"usage"')
+    while i >= 0:
+        m = _USAGE_RE.match(data, i)
+        if m is not None:
+            try:
+                u = orjson.loads(m.group(1))
+            except orjson.JSONDecodeError:
+                return None
+            return u if isinstance(u, dict) else None
+        i = data.rfind(b'"usage"', 0, i)
+    return None

@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 import functools
 import logging
-import re
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from typing import Any
@@ -27,6 +26,7 @@ from gateway.features import (
     KEEP_STREAM_BYTES,
     add_predictor_inputs,
     answer_usage_and_fingerprint,
+    find_usage,
     stream_fingerprint,
     wants_linking,
 )
@@ -65,28 +65,12 @@ _DROP_RESPONSE_HEADERS = frozenset(
 )
 _DROP_RESPONSE_RAW = frozenset(h.encode() for h in _DROP_RESPONSE_HEADERS)
 LOG_EVERY_S = 10.0  # upstream errors are counted always, logged at most this often per replica and kind
-_USAGE_RE = re.compile(rb'"usage"\s*:\s*(\{(?:[^{}]|\{[^{}]*\})*\})')
 
 # Hook types for the pieces that plug into the hot path (README, "Extending the hot path")
 AdmissionHook = Callable[[RoutingContext, Decision], Awaitable[Decision]]
 PrewarmHook = Callable[[tuple[PrewarmAction, ...]], None]
 ReleaseListener = Callable[[ReplicaState], None]
 RateLimitHook = Callable[[web.Request, int], Awaitable[web.Response | None]]
-
-
-def find_usage(data: bytes) -> dict[str, Any] | None:
-    """The last non-null `usage` object in a JSON body or SSE tail, parsed; None when absent."""
-    i = data.rfind(b'"usage"')
-    while i >= 0:
-        m = _USAGE_RE.match(data, i)
-        if m is not None:
-            try:
-                u = orjson.loads(m.group(1))
-            except orjson.JSONDecodeError:
-                return None
-            return u if isinstance(u, dict) else None
-        i = data.rfind(b'"usage"', 0, i)
-    return None
 
 
 def with_field(raw: bytes, non_empty: bool, key: bytes, value: int | float) -> bytes:

@@ -197,7 +197,19 @@ class UpstreamResponse:
             if conn is not None and conn.transport is not None:
                 self._paused = True
                 conn.transport.pause_reading()
-        self._wake()
+        if self.on_event is None:  # a callback hears of body bytes once per read (_Conn.data_received)
+            self._wake()
+
+    def pause(self) -> None:
+        """Stop reading the upstream (its client is slow) until `resume`."""
+        conn = self._conn
+        if not self._paused and conn is not None and conn.transport is not None and not conn.closed:
+            self._paused = True
+            conn.transport.pause_reading()
+
+    def resume(self) -> None:
+        """Read the upstream again after `pause`."""
+        self._resume()
 
     def _fail(self, err: UpstreamError) -> None:
         if self._error is None and not self.complete:
@@ -298,6 +310,10 @@ class _Conn(asyncio.Protocol):
         except httptools.HttpParserError as e:
             resp._fail(Disconnected(f"invalid HTTP from upstream: {e}"))
             self.abort()
+            return
+        cb = resp.on_event
+        if cb is not None and resp._chunks:  # body bytes of this read, in one event (one write to the client)
+            cb()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True

@@ -9,6 +9,7 @@ call may stay counted in flight on a replica (the router would route around a ph
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -44,11 +45,11 @@ def cluster(module_procs: ProcessGroup) -> Iterator[Cluster]:
 
 
 @pytest.fixture(scope="module")
-def solo(module_procs: ProcessGroup) -> Iterator[Proc]:
+def solo(module_procs: ProcessGroup) -> Iterator[Cluster]:
     """A gateway with one replica: every call after the first finds a kept-alive connection to it."""
     up = start_fake_upstream(module_procs, "solo", MODEL)
     pools = [{"name": "short", "max_context_tokens": 16384, "models": [MODEL], "replicas": [up.url]}]
-    yield start_gateway(module_procs, pools, workers=1, read_timeout_s=0.5, health_interval_s=60)
+    yield Cluster(start_gateway(module_procs, pools, workers=1, read_timeout_s=0.5, health_interval_s=60), [up])
 
 
 def chat(stream: bool = False, **fake: object) -> dict[str, object]:
@@ -108,20 +109,20 @@ async def test_kept_alive_calls_get_the_upstream_answer_and_leave_nothing_in_fli
     assert set((await none_in_flight(cluster.gateway.url)).values()) == {0}
 
 
-async def test_a_silent_upstream_on_a_reused_connection_is_a_504_and_the_gateway_goes_on(solo: Proc) -> None:
+async def test_a_silent_upstream_on_a_reused_connection_is_a_504_and_the_gateway_goes_on(solo: Cluster) -> None:
     async with aiohttp.ClientSession() as s:
         for _ in range(2):  # the first call opens the upstream connection, the second reuses it
-            async with s.post(solo.url + "/v1/chat/completions", json=chat()) as r:
+            async with s.post(solo.gateway.url + "/v1/chat/completions", json=chat()) as r:
                 assert r.status == 200
         await asyncio.sleep(0.6)  # past any timer the earlier calls armed
         t0 = time.monotonic()
-        async with s.post(solo.url + "/v1/chat/completions", json=chat(chunks=2, delay_s=1.0)) as r:
+        async with s.post(solo.gateway.url + "/v1/chat/completions", json=chat(chunks=2, delay_s=1.0)) as r:
             assert r.status == 504
             assert (await r.json())["error"]["code"] == "upstream_timeout"
         assert 0.45 < time.monotonic() - t0 < 1.8  # the timeout (0.5 s) from when this call was sent, not the answer (2 s)
-        async with s.post(solo.url + "/v1/chat/completions", json=chat()) as r:
+        async with s.post(solo.gateway.url + "/v1/chat/completions", json=chat()) as r:
             assert r.status == 200
-    assert set((await none_in_flight(solo.url)).values()) == {0}
+    assert set((await none_in_flight(solo.gateway.url)).values()) == {0}
 
 
 async def test_a_5xx_is_handed_to_the_retry_path(cluster: Cluster) -> None:
@@ -166,4 +167,75 @@ async def test_a_stream_is_relayed_whole(cluster: Cluster) -> None:
     events = [e for e in data.split(b"\n\n") if e.startswith(b"data: {")]
     assert len(events) == 6 and orjson.loads(events[0][6:])["choices"][0]["delta"]["content"].endswith("-w0 ")
     assert set((await none_in_flight(cluster.gateway.url)).values()) == {0}
+
+
+
+async def test_a_client_that_leaves_mid_stream_cancels_it_upstream_and_is_released(cluster: Cluster) -> None:
+    before = [(await upstream_stats(u.url))["cancelled"] for u in cluster.upstreams]
+    async with aiohttp.ClientSession() as s:
+        resp = await s.post(cluster.gateway.url + "/v1/chat/completions", json=chat(stream=True, chunks=100, delay_s=0.02))
+        assert (await resp.content.readany()).startswith(b"data: ")
+        resp.close()  # drop the connection mid-stream
+    deadline = time.monotonic() + 3.0
+    while time.monotonic() < deadline:
+        after = [(await upstream_stats(u.url))["cancelled"] for u in cluster.upstreams]
+        if sum(after) == sum(before) + 1:
+            break
+        await asyncio.sleep(0.05)
+    assert sum(after) == sum(before) + 1
+    assert set((await none_in_flight(cluster.gateway.url)).values()) == {0}
+
+
+async def test_an_upstream_that_breaks_mid_stream_ends_it_with_an_error_event(cluster: Cluster) -> None:
+    body = chat(stream=True, chunks=6, abort_after=3)
+    async with aiohttp.ClientSession() as s, s.post(cluster.gateway.url + "/v1/chat/completions", json=body) as r:
+        assert r.status == 200
+        data = await r.read()  # a whole chunked answer: the client sees the stream end, not a reset
+    events = [e for e in data.split(b"\n\n") if e.startswith(b"data: ")]
+    assert len(events) == 5 and b"upstream_disconnect" in events[3] and events[4] == b"data: [DONE]"
+    assert set((await none_in_flight(cluster.gateway.url)).values()) == {0}
+
+
+async def test_stream_read_timeout_is_the_longest_silence(solo: Cluster) -> None:
+    async with aiohttp.ClientSession() as s:
+        for _ in range(2):  # kept-alive connection in place: the calls below run as exchanges
+            async with s.post(solo.gateway.url + "/v1/chat/completions", json=chat()) as r:
+                assert r.status == 200
+        # 1.2 s in all, never silent for 0.5 s: it completes
+        async with s.post(solo.gateway.url + "/v1/chat/completions", json=chat(stream=True, chunks=4, delay_s=0.3)) as r:
+            assert r.status == 200 and (await r.read()).endswith(b"data: [DONE]\n\n")
+        # silent for longer than the timeout before its first byte: a plain 504
+        async with s.post(solo.gateway.url + "/v1/chat/completions", json=chat(stream=True, chunks=2, delay_s=1.0)) as r:
+            assert r.status == 504 and (await r.json())["error"]["code"] == "upstream_timeout"
+    assert set((await none_in_flight(solo.gateway.url)).values()) == {0}
+
+
+async def test_a_slow_reader_gets_a_long_stream_byte_for_byte(solo: Cluster) -> None:
+    host, port = solo.gateway.url.removeprefix("http://").split(":")
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # so that the gateway's buffers fill, not ours
+    sock.connect((host, int(port)))
+    reader, writer = await asyncio.open_connection(sock=sock)
+    try:
+        for _ in range(2):  # the second call on the gateway's kept-alive upstream connection is an exchange
+            body = orjson.dumps(chat(stream=True, chunks=30000))  # ~3 MB: more than the loopback socket buffers
+            writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: %d\r\n\r\n%s" % (len(body), body))  # fmt: skip
+            head = await reader.readuntil(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 200") and b"chunked" in head.lower()
+            await asyncio.sleep(0.5)  # a stalled reader: the gateway must stop reading the upstream, then pick up again
+            parts = []
+            while True:
+                size = int((await reader.readline()).split(b";")[0], 16)
+                if size == 0:
+                    await reader.readline()
+                    break
+                parts.append(await reader.readexactly(size))
+                await reader.readexactly(2)
+            async with aiohttp.ClientSession() as s, s.get(solo.upstreams[0].url + "/debug/last_response") as u:
+                sent = await u.read()
+            assert len(sent) > 3_000_000 and b"".join(parts) == sent
+    finally:
+        writer.close()
+    assert set((await none_in_flight(solo.gateway.url)).values()) == {0}
 

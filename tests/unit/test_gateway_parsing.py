@@ -8,7 +8,8 @@ import orjson
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gateway.proxy import find_usage, with_field
+from gateway.features import find_usage
+from gateway.proxy import with_field
 from gateway.scrape import parse_vllm_metrics
 
 VLLM_METRICS = """\
