@@ -13,8 +13,9 @@ from typing import Any
 
 import orjson
 
-from pools.prefix_hash import block_hashes, flatten_messages
+from pools.prefix_hash import DEFAULT_BLOCK_CHARS, block_hashes, flatten_messages
 from predictor.fingerprint import FINGERPRINT_CHARS, message_fingerprints, output_fingerprint
+from predictor.live import CONTENT_BLOCKS
 from predictor.types import RequestFeatures, Tags
 
 KEEP_STREAM_BYTES = 16384  # enough SSE events to hold FINGERPRINT_CHARS characters of output
@@ -34,7 +35,10 @@ def add_predictor_inputs(features: RequestFeatures, body: dict[str, Any], link: 
     features.messages = tuple(messages)
     if link:
         content = [m for m in messages if m.get("role") not in ("system", "developer")]
-        features.content_hashes = block_hashes(flatten_messages(content))
+        # the predictor links by the first CONTENT_BLOCKS blocks only: hash no more of a long prompt
+        # (a character is at least a byte, so that many characters hold that many blocks)
+        text = flatten_messages(content, CONTENT_BLOCKS * DEFAULT_BLOCK_CHARS)
+        features.content_hashes = block_hashes(text, DEFAULT_BLOCK_CHARS, CONTENT_BLOCKS)
         features.message_fingerprints = message_fingerprints(messages)
 
 

@@ -29,14 +29,21 @@ def block_hashes(text: str, block_chars: int = DEFAULT_BLOCK_CHARS, max_blocks: 
     return tuple(out)
 
 
-def flatten_messages(messages: Iterable[Mapping[str, Any]]) -> str:
-    """One string for a chat prompt, so that a conversation that grows keeps its prefix."""
+def flatten_messages(messages: Iterable[Mapping[str, Any]], min_chars: int = 0) -> str:
+    """One string for a chat prompt, so that a conversation that grows keeps its prefix.
+
+    `min_chars` > 0: stop after the message that makes it at least that long (a prefix of the whole)."""
     parts: list[str] = []
+    n = 0
     for m in messages:
         content = m.get("content")
         if isinstance(content, list):  # OpenAI content parts: keep the text ones
             content = "".join(p.get("text", "") for p in content if isinstance(p, Mapping))
-        parts.append(f"<|{m.get('role', '')}|>{content or ''}")
+        part = f"<|{m.get('role', '')}|>{content or ''}"
+        parts.append(part)
+        n += len(part)
+        if min_chars and n >= min_chars:
+            break
     return "".join(parts)
 
 

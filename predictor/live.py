@@ -58,6 +58,7 @@ class LiveWorkflow:
 
 DENSE = 8  # blocks indexed one by one right after the system prompt
 STRIDE = 8  # then every STRIDE-th block (absolute position), so a long prompt costs few index entries
+CONTENT_BLOCKS = 4  # leading blocks of a prompt's content (after its system message) that link untagged calls
 
 
 @functools.lru_cache(maxsize=8192)
@@ -150,7 +151,7 @@ class LiveTable:
                 if idx.get(h) == wid:
                     del idx[h]
 
-    def set_content(self, wf: LiveWorkflow, hashes: tuple[int, ...], blocks: int = 4) -> None:
+    def set_content(self, wf: LiveWorkflow, hashes: tuple[int, ...], blocks: int = CONTENT_BLOCKS) -> None:
         """Index the first blocks of a prompt's content after its system message (its task text)."""
         idx = self.content_index.get(wf.app)
         if idx is None:  # (not setdefault(app, {}): that builds an empty dict on every call)
@@ -161,7 +162,7 @@ class LiveTable:
                 idx[h] = wid
                 wf.content_indexed.append(h)
 
-    def longest_content(self, app: str, hashes: tuple[int, ...], blocks: int = 4) -> tuple[str, int]:
+    def longest_content(self, app: str, hashes: tuple[int, ...], blocks: int = CONTENT_BLOCKS) -> tuple[str, int]:
         """The live workflow whose prompts' content starts like this one's: (id, blocks shared) or ("", 0)."""
         idx = self.content_index.get(app)
         if not idx:

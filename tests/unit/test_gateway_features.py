@@ -8,6 +8,7 @@ from gateway.features import add_predictor_inputs, answer_fingerprint, stream_fi
 from pools.prefix_hash import block_hashes, flatten_messages
 from pools.request_features import extract_features
 from predictor.fingerprint import message_fingerprints, output_fingerprint
+from predictor.live import CONTENT_BLOCKS
 from predictor.types import Tags
 
 TASK = "Find the three largest rivers of Europe and compare their lengths. " * 10
@@ -22,6 +23,12 @@ def test_untagged_calls_get_linking_inputs_and_tagged_ones_do_not() -> None:
     add_predictor_inputs(f, BODY, wants_linking(Tags()))
     assert f.messages[1] is BODY["messages"][1]  # by reference
     assert f.content_hashes == block_hashes(flatten_messages(BODY["messages"][1:]))
+    # a long conversation: the leading blocks the predictor links by, the same as hashing all of it
+    long_body = {**BODY, "messages": [*BODY["messages"], {"role": "assistant", "content": "é" * 3000}, *BODY["messages"][1:] * 3]}
+    h = extract_features(long_body, True)
+    add_predictor_inputs(h, long_body, True)
+    whole = block_hashes(flatten_messages([m for m in long_body["messages"] if m["role"] != "system"]))
+    assert len(whole) > 20 and h.content_hashes == whole[:CONTENT_BLOCKS]
     assert f.message_fingerprints == message_fingerprints(BODY["messages"])
     g = extract_features(BODY, True)
     add_predictor_inputs(g, BODY, wants_linking(Tags(app="a", workflow="wf-1")))
