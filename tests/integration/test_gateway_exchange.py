@@ -80,6 +80,16 @@ async def upstream_stats(url: str) -> dict[str, int]:
         return dict(await r.json())
 
 
+async def cancelled(cluster: Cluster, expect: int | None = None) -> int:
+    """Calls the upstreams saw abandoned; with `expect`, polled (up to 3 s) until there are that many."""
+    deadline = time.monotonic() + 3.0
+    while True:
+        total = sum([(await upstream_stats(u.url))["cancelled"] for u in cluster.upstreams])
+        if expect is None or total >= expect or time.monotonic() > deadline:
+            return total
+        await asyncio.sleep(0.05)
+
+
 def test_the_completion_routes_start_without_a_task_unless_something_wraps_them() -> None:
     pools = [PoolConfig("p", 8192, (MODEL,), ("http://127.0.0.1:9",))]
     plain = FastServer(build_app(Settings(), pools, ColdPredictor(), GatewayMetrics()), lambda: None, 1 << 20)  # type: ignore[arg-type,return-value]
@@ -136,7 +146,7 @@ async def test_a_5xx_is_handed_to_the_retry_path(cluster: Cluster) -> None:
 
 
 async def test_a_client_that_leaves_mid_call_cancels_it_upstream_and_is_released(cluster: Cluster) -> None:
-    before = [(await upstream_stats(u.url))["cancelled"] for u in cluster.upstreams]
+    before = await cancelled(cluster)
     async with aiohttp.ClientSession() as s:
         with pytest.raises(asyncio.TimeoutError):
             async with s.post(
@@ -144,13 +154,7 @@ async def test_a_client_that_leaves_mid_call_cancels_it_upstream_and_is_released
                 timeout=aiohttp.ClientTimeout(total=0.2),
             ) as r:  # fmt: skip
                 await r.read()
-    deadline = time.monotonic() + 3.0
-    while time.monotonic() < deadline:
-        after = [(await upstream_stats(u.url))["cancelled"] for u in cluster.upstreams]
-        if sum(after) == sum(before) + 1:
-            break
-        await asyncio.sleep(0.05)
-    assert sum(after) == sum(before) + 1  # the engine saw the client leave
+    assert await cancelled(cluster, before + 1) == before + 1  # the engine saw the client leave
     assert set((await none_in_flight(cluster.gateway.url)).values()) == {0}
     async with aiohttp.ClientSession() as s, s.get(cluster.gateway.url + "/metrics") as r:
         assert 'status="499"' in await r.text()
@@ -169,20 +173,13 @@ async def test_a_stream_is_relayed_whole(cluster: Cluster) -> None:
     assert set((await none_in_flight(cluster.gateway.url)).values()) == {0}
 
 
-
 async def test_a_client_that_leaves_mid_stream_cancels_it_upstream_and_is_released(cluster: Cluster) -> None:
-    before = [(await upstream_stats(u.url))["cancelled"] for u in cluster.upstreams]
+    before = await cancelled(cluster)
     async with aiohttp.ClientSession() as s:
         resp = await s.post(cluster.gateway.url + "/v1/chat/completions", json=chat(stream=True, chunks=100, delay_s=0.02))
         assert (await resp.content.readany()).startswith(b"data: ")
         resp.close()  # drop the connection mid-stream
-    deadline = time.monotonic() + 3.0
-    while time.monotonic() < deadline:
-        after = [(await upstream_stats(u.url))["cancelled"] for u in cluster.upstreams]
-        if sum(after) == sum(before) + 1:
-            break
-        await asyncio.sleep(0.05)
-    assert sum(after) == sum(before) + 1
+    assert await cancelled(cluster, before + 1) == before + 1
     assert set((await none_in_flight(cluster.gateway.url)).values()) == {0}
 
 
