@@ -4,10 +4,11 @@ On the fast server path most calls need nothing awaited: the body is in, routing
 a kept-alive connection to the chosen replica is idle. For those, a task, a future and a chain of
 coroutines per call cost more than the forwarding itself (`gateway.bench.hotpath_cpu --handler`).
 An `UpstreamExchange` sends the request at once and follows the answer through
-`UpstreamResponse.on_event`; when the whole non-streamed answer is in, it hands it to the client
-connection's `finish`. Anything else (a stream to relay, a 5xx to retry, a failure before the answer)
+`UpstreamResponse.on_event`: a whole non-streamed answer goes to the client connection's `finish`;
+a stream is relayed as it arrives (one client write per upstream read, the upstream paused while the
+client is slow), as `Gateway._relay` relays it. A 5xx to retry elsewhere or a failure before the answer
 is handed back to `Gateway._proxy` in a task, with the replica's in-flight counts still held, so the
-task path's rules (retries, error answers, relaying) stay the only ones.
+task path's rules for retries and error answers stay the only ones.
 """
 
 from __future__ import annotations

@@ -325,14 +325,13 @@ class Gateway:
 
         Returns the answer when there is one already (a refusal), the coroutine that finishes the call
         when it must wait (admission queue, a new upstream connection), or the exchange in flight, which
-        calls `finish(answer, None)` when the upstream has answered, or `finish(None, coroutine)` to
-        have the rest run in a task (a stream, a failure to retry, a 5xx). Only called when no
-        middleware, rate limit, tracer or payload log is installed (`fast_start`).
+        calls `finish(answer, None)` when the answer is written or ready, or `finish(None, coroutine)`
+        to have the rest run in a task (a 5xx or a failure to retry). Only called when no middleware,
+        rate limit, tracer or payload log is installed (`fast_start`).
         """
         t0 = time.monotonic()
         if request._too_large:
-            limit = self.settings.body_limit_bytes
-            return self._reject(413, "request_too_large", f"request body is larger than {limit} bytes")
+            return self._too_large()
         call = self._parse(request, request._body, chat, t0)
         if not isinstance(call, _Call):
             return call
@@ -425,14 +424,16 @@ class Gateway:
         return payload
 
     async def _read_body(self, request: web.Request) -> bytes | web.Response:
-        limit = self.settings.body_limit_bytes
         cl = request.content_length
-        if cl is not None and cl > limit:
-            return self._reject(413, "request_too_large", f"request body is larger than {limit} bytes")
+        if cl is not None and cl > self.settings.body_limit_bytes:
+            return self._too_large()
         try:
             return await request.read()
         except web.HTTPRequestEntityTooLarge:
-            return self._reject(413, "request_too_large", f"request body is larger than {limit} bytes")
+            return self._too_large()
+
+    def _too_large(self) -> web.Response:
+        return self._reject(413, "request_too_large", f"request body is larger than {self.settings.body_limit_bytes} bytes")
 
     def _reject(
         self,
