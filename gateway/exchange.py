@@ -214,15 +214,17 @@ class UpstreamExchange:
         except ConnectionError:
             self.cancel()  # the client went away mid-stream: the upstream answer is aborted
             return
-        if out.client_paused:  # a slow client: stop reading the upstream until it drains
+        if out.client_paused:  # a slow client: stop reading the upstream until it drains (no read timeout meanwhile)
             resp.pause()
             out.on_writable(self._client_drained)
+            return
         self._watch(resp)
 
     def _client_drained(self) -> None:
         resp = self.resp
         if not self.finished and resp is not None:
             resp.resume()
+            self._watch(resp)  # waiting on the upstream again: its silence counts from now
 
     def _watch(self, resp: UpstreamResponse) -> None:
         conn = resp._conn

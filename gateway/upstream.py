@@ -192,7 +192,8 @@ class UpstreamResponse:
     def _feed(self, data: bytes) -> None:
         self._chunks.append(data)
         self._buffered += len(data)
-        if self._buffered > READ_HIGH_WATER and not self._paused and not self._collect:
+        # (a callback takes each read's bytes as they come and pauses for its client itself)
+        if self._buffered > READ_HIGH_WATER and not self._paused and not self._collect and self.on_event is None:
             conn = self._conn
             if conn is not None and conn.transport is not None:
                 self._paused = True
@@ -259,7 +260,8 @@ class _Conn(asyncio.Protocol):
         if resp is None or self.closed or self.loop is None:
             return
         w = resp._waiter
-        if (w is None or w.done()) and (resp.on_event is None or resp.complete or resp._error is not None):
+        # a callback waits for as long as the answer is unfinished, unless it paused reading for a slow client
+        if (w is None or w.done()) and (resp.on_event is None or resp.complete or resp._error is not None or resp._paused):
             return  # nothing waits now: the next wait re-arms
         if w is not None and w.done():
             w = None

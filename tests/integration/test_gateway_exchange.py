@@ -220,7 +220,9 @@ async def test_a_slow_reader_gets_a_long_stream_byte_for_byte(solo: Cluster) -> 
                          b"Content-Length: %d\r\n\r\n%s" % (len(body), body))  # fmt: skip
             head = await reader.readuntil(b"\r\n\r\n")
             assert head.startswith(b"HTTP/1.1 200") and b"chunked" in head.lower()
-            await asyncio.sleep(0.5)  # a stalled reader: the gateway must stop reading the upstream, then pick up again
+            # a reader stalled for longer than the read timeout: the gateway stops reading the upstream (that is
+            # not the upstream falling silent), then picks up again
+            await asyncio.sleep(1.0)
             parts = []
             while True:
                 size = int((await reader.readline()).split(b";")[0], 16)
