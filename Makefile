@@ -45,9 +45,10 @@ bench-gateway: $(STAMP) compiled
 # repository so imports resolve to it: `cd /tmp && $(CURDIR)/$(COMPILED)/bin/pythia serve ...`.
 COMPILED := .venv-compiled
 CBUILD := build/compiled
-# the fast unit tests of routing, prefix index, predictor and features, run against the compiled build
+# the fast unit tests of routing, prefix index, predictor, features and the simulator, run against the compiled build
 COMPILED_TESTS := tests/unit/test_compiled_build.py tests/unit/test_routing_*.py tests/unit/test_prefix_index*.py \
-	tests/unit/test_predictor_*.py tests/unit/test_gateway_features.py tests/unit/test_gateway_tags.py
+	tests/unit/test_predictor_*.py tests/unit/test_gateway_features.py tests/unit/test_gateway_tags.py \
+	tests/unit/test_loadgen_simulate.py
 
 compiled: $(STAMP)
 	rm -rf $(CBUILD) && mkdir -p $(CBUILD)/src

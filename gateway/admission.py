@@ -35,12 +35,13 @@ from gateway.tasks import cancel_and_wait
 from pools.admission import DEFAULT_CONCURRENCY, AdmissionQueue, overflow_policy
 from pools.routing import Decision, Policy, RoutingContext, route
 from pools.routing.base import RouteError
+from pools.routing.filters import kv_capacity
 from pools.routing.kv import call_kv
 from pools.types import ReplicaState
 
 log = logging.getLogger("pythia.admission")
 
-KV_FILTER = "kv-capacity"  # pools.routing.filters.kv_capacity.KvCapacityFilter.name
+KV_FILTER = kv_capacity.NAME
 DRAIN_INTERVAL_S = 0.25  # periodic re-try of queued calls (capacity seen by a scrape, a replica back)
 TYPICAL_EWMA = 0.05  # weight of one call in the pool's typical call size
 WAIT_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)

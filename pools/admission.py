@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, replace
 from typing import Generic, TypeVar
 
 from pools.routing.base import Policy
-from pools.routing.filters.kv_capacity import KvCapacityFilter
+from pools.routing.filters import kv_capacity
 from pools.types import ReplicaState
 
 T = TypeVar("T")
@@ -28,7 +28,7 @@ DEFAULT_CONCURRENCY = 256  # vLLM's default max_num_seqs, when nothing better is
 DEFAULT_TIMEOUT_S = 120.0
 
 
-def overflow_policy(policy: Policy, room_filters: Collection[str] = (KvCapacityFilter.name,)) -> Policy:
+def overflow_policy(policy: Policy, room_filters: Collection[str] = (kv_capacity.NAME,)) -> Policy:
     """The policy for a call that waited the admission timeout: the same without the filters that wait
     for room, so it is placed now and waits in the engine's own queue (as behind a router without one)."""
     return replace(policy, filters=tuple(f for f in policy.filters if f.name not in room_filters))

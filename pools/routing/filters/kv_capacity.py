@@ -6,6 +6,10 @@ from pools.routing.base import RoutingContext
 from pools.routing.kv import TOKENS_PER_BLOCK, call_kv, overflow_probability
 from pools.types import ReplicaState
 
+# the filter's name, for code that names it without an instance: compiled (mypyc), a class attribute
+# read on the class is a slot descriptor, not this string
+NAME = "kv-capacity"
+
 
 class KvCapacityFilter:
     """Drops replicas where the KV their running calls still need plus this call would overflow.
@@ -17,7 +21,7 @@ class KvCapacityFilter:
     `route()` answers `Decision.queue=True`: the call waits in the gateway's admission queue.
     """
 
-    name = "kv-capacity"
+    name = NAME
 
     def __init__(
         self, max_overflow_probability: float = 0.05, kv_budget: float = 1.0, max_inflight: int = 0, uncached: bool = False
