@@ -33,3 +33,15 @@ def error_response(
 def sse_error_event(code: str, message: str) -> bytes:
     """An SSE event carrying an OpenAI error, then `[DONE]`: how a stream that broke mid-way ends."""
     return b"data: " + error_body(502, code, message) + b"\n\ndata: [DONE]\n\n"
+
+
+def sse_error_after(tail: bytes, code: str, message: str) -> bytes:
+    """`sse_error_event`, first ending the event that `tail` (the stream's last bytes) may have left open."""
+    sep = b"" if not tail or tail.endswith(b"\n\n") else (b"\n" if tail.endswith(b"\n") else b"\n\n")
+    return sep + sse_error_event(code, message)
+
+
+def upstream_failure_response(err: Exception, timed_out: bool) -> web.Response:
+    """The answer when the upstream failed before any byte reached the client: 504 after a timeout, else 502."""
+    code, status = ("upstream_timeout", 504) if timed_out else ("upstream_error", 502)
+    return error_response(status, code, f"upstream failed: {err}")

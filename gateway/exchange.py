@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
-from gateway.errors import error_response, sse_error_event
+from gateway.errors import sse_error_after, upstream_failure_response
 from gateway.features import KEEP_STREAM_BYTES, find_usage, stream_fingerprint, wants_linking
 from gateway.upstream import Disconnected, ReadTimeout, ReplicaPool, UpstreamResponse, _Conn, request_head
 
@@ -144,9 +144,7 @@ class UpstreamExchange:
                 return
             resp.collect()
         if not resp.complete:
-            conn = resp._conn
-            if conn is not None:
-                conn.watch(self.timeout)  # the read timeout is the longest silence, as for a waiting task
+            self._watch(resp)
             return
         self._answer(resp)
 
@@ -204,8 +202,7 @@ class UpstreamExchange:
                 # upstream broke mid-stream: end the SSE stream cleanly with an error event
                 self.gw._upstream_error(self.replica.url, err.kind)
                 tail = chunk or self.last or self.prev
-                sep = b"" if not tail or tail.endswith(b"\n\n") else (b"\n" if tail.endswith(b"\n") else b"\n\n")
-                out.send(chunk + sep + sse_error_event("upstream_" + err.kind, "the upstream stream ended early"))
+                out.send(chunk + sse_error_after(tail, "upstream_" + err.kind, "the upstream stream ended early"))
                 out.send_eof()
                 self._end_stream(resp, False, 502)
                 return
@@ -236,13 +233,12 @@ class UpstreamExchange:
         self.finished = True
         resp.on_event = None
         resp.close()
-        kind = getattr(err, "kind", "error")
-        self.gw._upstream_error(self.replica.url, kind)
-        code, st = ("upstream_timeout", 504) if isinstance(err, ReadTimeout) else ("upstream_error", 502)
+        self.gw._upstream_error(self.replica.url, getattr(err, "kind", "error"))
+        failed = upstream_failure_response(err, isinstance(err, ReadTimeout))
         self.gw.release(self.replica, self.ctx.features, self.hold)
-        self.gw.metrics.request_finished(self.decision.pool, self.replica.url, st, -1.0,
+        self.gw.metrics.request_finished(self.decision.pool, self.replica.url, failed.status, -1.0,
                                          time.monotonic() - self.ctx.features.arrival_s)  # fmt: skip
-        self.finish(error_response(st, code, f"upstream failed: {err}"), None)
+        self.finish(failed, None)
 
     def _end_stream(self, resp: UpstreamResponse, ok: bool, status: int) -> None:
         self.finished = True

@@ -20,7 +20,7 @@ import orjson
 from aiohttp import web
 from multidict import CIMultiDict
 
-from gateway.errors import error_response, sse_error_event
+from gateway.errors import error_response, sse_error_after, upstream_failure_response
 from gateway.exchange import UpstreamExchange
 from gateway.features import (
     KEEP_STREAM_BYTES,
@@ -666,8 +666,8 @@ class Gateway:
                     data = await resp.read_all()
                 except UpstreamError as e:
                     self._upstream_error(replica.url, e.kind)
-                    code, st = ("upstream_timeout", 504) if isinstance(e, ReadTimeout) else ("upstream_error", 502)
-                    return error_response(st, code, f"upstream failed: {e}"), st, -1.0
+                    failed = upstream_failure_response(e, isinstance(e, ReadTimeout))
+                    return failed, failed.status, -1.0
                 ttft = time.monotonic() - features.arrival_s
                 # learning from the answer waits until it has been written to the client: the callback
                 # runs at the start of the next loop iteration, before any new request is read
@@ -685,8 +685,8 @@ class Gateway:
                 chunk = await resp.next_chunk()
             except UpstreamError as e:  # nothing reached the client yet: a plain error answer
                 self._upstream_error(replica.url, e.kind)
-                code, st = ("upstream_timeout", 504) if isinstance(e, ReadTimeout) else ("upstream_error", 502)
-                return error_response(st, code, f"upstream failed: {e}"), st, -1.0
+                failed = upstream_failure_response(e, isinstance(e, ReadTimeout))
+                return failed, failed.status, -1.0
             ttft = time.monotonic() - features.arrival_s
             # the fast server path (gateway.fastpath) writes streams to its own connection
             out: web.StreamResponse
@@ -723,10 +723,8 @@ class Gateway:
                 # upstream broke mid-stream: end the SSE stream cleanly with an error event
                 ok = False
                 self._upstream_error(replica.url, e.kind)
-                tail = last or prev
-                sep = b"" if not tail or tail.endswith(b"\n\n") else (b"\n" if tail.endswith(b"\n") else b"\n\n")
                 with contextlib.suppress(ConnectionError):
-                    await out.write(sep + sse_error_event("upstream_" + e.kind, "the upstream stream ended early"))
+                    await out.write(sse_error_after(last or prev, "upstream_" + e.kind, "the upstream stream ended early"))
                 status = 502
             if not eof_sent:
                 with contextlib.suppress(ConnectionError):

@@ -96,14 +96,10 @@ class UpstreamResponse:
 
     async def read_all(self) -> bytes:
         """The whole body (for non-streamed answers)."""
-        self._collect = True
-        self._resume()
+        self.collect()
         while not self.complete:
             await self._wait()
-        data = b"".join(self._chunks)
-        self._chunks.clear()
-        self._buffered = 0
-        return data
+        return self.take_all()
 
     def take_all(self) -> bytes:
         """The whole body of an answer that is `complete` (no waiting)."""
@@ -115,7 +111,7 @@ class UpstreamResponse:
     def collect(self) -> None:
         """Keep reading until the end without pausing the socket (a whole answer is wanted)."""
         self._collect = True
-        self._resume()
+        self.resume()
 
     async def next_chunk(self) -> bytes | None:
         """The body bytes received since the last call (waiting for some), or None at the end."""
@@ -129,10 +125,11 @@ class UpstreamResponse:
             data = b"".join(self._chunks)
             self._chunks.clear()
         self._buffered = 0
-        self._resume()
+        self.resume()
         return data
 
-    def _resume(self) -> None:
+    def resume(self) -> None:
+        """Read the upstream again after `pause` (or the high-water pause)."""
         if self._paused:
             self._paused = False
             conn = self._conn
@@ -208,9 +205,6 @@ class UpstreamResponse:
             self._paused = True
             conn.transport.pause_reading()
 
-    def resume(self) -> None:
-        """Read the upstream again after `pause`."""
-        self._resume()
 
     def _fail(self, err: UpstreamError) -> None:
         if self._error is None and not self.complete:
